@@ -1,0 +1,29 @@
+"""vllm-wrapper: an OpenAI-compatible gateway for vLLM.
+
+``create_app(settings)`` builds an ASGI app; ``app`` is the one built from the
+environment (so ``uvicorn proxy:app`` works), created on first access.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from proxy.app import create_app
+from proxy.config import ConfigError, Settings
+from proxy.errors import GatewayError, UpstreamError
+
+if TYPE_CHECKING:
+    from starlette.applications import Starlette
+
+    app: Starlette
+
+__all__ = ["ConfigError", "GatewayError", "Settings", "UpstreamError", "app", "create_app"]
+
+
+def __getattr__(name: str) -> Any:
+    # Built lazily so importing the package (e.g. for create_app) reads no environment.
+    if name == "app":
+        global app
+        app = create_app()
+        return app
+    raise AttributeError(f"module 'proxy' has no attribute {name!r}")

@@ -1,0 +1,100 @@
+"""``create_app()``: routes, middleware order, lifespan.
+
+Middleware, outermost first: access log (request id, one line per request)
+→ CORS (only when ``VLLM_WRAPPER_CORS_ORIGINS`` is set) → bearer auth →
+routes. All are pure ASGI, so streamed bodies pass through untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from proxy.accesslog import AccessLogMiddleware
+from proxy.auth import BearerAuthMiddleware
+from proxy.config import Settings
+from proxy.errors import error_body
+from proxy.health import Health, Models
+from proxy.passthrough import Passthrough, Relay
+from proxy.retry import RetryPolicy
+from proxy.upstream import Upstream
+
+log = logging.getLogger(__name__)
+
+_ERROR_TYPES = {401: "authentication_error", 403: "permission_error"}
+
+
+def _json_error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+    kind = _ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "internal_error")
+    code = {404: "not_found", 405: "method_not_allowed"}.get(status, str(status))
+    return Response(
+        error_body(message, kind, code),
+        status_code=status,
+        headers=headers,
+        media_type="application/json",
+    )
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    message = {
+        404: f"no route for {request.method} {request.url.path}",
+        405: f"method {request.method} not allowed on {request.url.path}",
+    }.get(exc.status_code, str(exc.detail))
+    return _json_error(exc.status_code, message, exc.headers)
+
+
+async def _server_error(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return _json_error(500, "internal gateway error; see the gateway log")
+
+
+def create_app(settings: Settings | None = None) -> Starlette:
+    """Build the gateway from ``settings`` (default: from the environment and ``.env``)."""
+    if settings is None:
+        settings = Settings.from_env()
+    upstream = Upstream(settings)
+    relay = Relay(upstream, RetryPolicy.from_settings(settings), settings)
+
+    routes = [
+        Route("/health", Health(upstream, settings)),
+        Route("/models", Models(relay)),
+        Route("/v1/{path:path}", Passthrough(relay, allow_admin=settings.allow_admin)),
+    ]
+
+    middleware = [Middleware(AccessLogMiddleware, enabled=settings.access_log)]
+    if settings.cors_origins:
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=list(settings.cors_origins),
+                allow_methods=["*"],
+                allow_headers=["*"],
+                expose_headers=["x-request-id"],
+            )
+        )
+    middleware.append(Middleware(BearerAuthMiddleware, api_key=settings.wrapper_api_key))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with upstream:
+            yield
+
+    app = Starlette(
+        routes=routes,
+        middleware=middleware,
+        lifespan=lifespan,
+        exception_handlers={HTTPException: _http_error, Exception: _server_error},
+    )
+    app.state.settings = settings  # for introspection only; handlers get theirs passed in
+    app.state.upstream = upstream
+    return app

@@ -1,0 +1,60 @@
+"""Reading a request body whole, bounded in size and time, and watching for client disconnect."""
+
+from __future__ import annotations
+
+import anyio
+
+from proxy.asgi import Receive, Scope
+from proxy.errors import BadRequest, PayloadTooLarge, RequestTimeout
+from proxy.headers import get_all
+
+
+class ClientDisconnected(Exception):
+    """The client went away (a normal outcome, logged at debug level)."""
+
+
+async def read_body(scope: Scope, receive: Receive, *, limit: int, timeout: float) -> bytes:
+    """The whole request body (so it can be replayed on retry).
+
+    Raises :class:`PayloadTooLarge` above ``limit`` bytes (early, from
+    ``Content-Length``, when the client declares it), :class:`RequestTimeout`
+    when the body takes longer than ``timeout`` seconds, and
+    :class:`ClientDisconnected` if the client leaves first.
+    """
+    lengths = get_all(scope["headers"], b"content-length")
+    if lengths:
+        if len(set(lengths)) > 1 or not lengths[0].isdigit():
+            raise BadRequest("invalid Content-Length header")
+        if int(lengths[0]) > limit:
+            raise PayloadTooLarge(f"request body is larger than the limit of {limit} bytes")
+    parts: list[bytes] = []
+    size = 0
+    try:
+        with anyio.fail_after(timeout):
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    raise ClientDisconnected
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLarge(f"request body is larger than the limit of {limit} bytes")
+                if not message.get("more_body", False):
+                    if not parts:
+                        return chunk
+                    parts.append(chunk)
+                    break
+                parts.append(chunk)
+    except TimeoutError:
+        raise RequestTimeout(f"request body not received within {timeout:g} s") from None
+    return b"".join(parts)
+
+
+async def wait_disconnect(receive: Receive, scope: anyio.CancelScope, flag: list[bool]) -> None:
+    """After the body is read: wait for ``http.disconnect``, then cancel ``scope``."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            flag.append(True)
+            scope.cancel()
+            return

@@ -1,0 +1,114 @@
+"""``python -m proxy``: command line → Settings → uvicorn. The only module that exits."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from proxy.config import ENV_VARS, ConfigError, Settings
+
+_SETTINGS_HELP = "\n".join(f"  {var}" for var in ENV_VARS)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m proxy",
+        description="vllm-wrapper: an OpenAI-compatible gateway for vLLM.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=(
+            "Settings come from the environment and a .env file (the environment wins);\n"
+            "command-line options win over both. Variables (see README for meanings):\n"
+            + _SETTINGS_HELP
+        ),
+    )
+    parser.add_argument("--host", help="listen address (VLLM_WRAPPER_HOST, default 0.0.0.0)")
+    parser.add_argument("--port", help="listen port (VLLM_WRAPPER_PORT, default 8001)")
+    parser.add_argument(
+        "--env-file",
+        default=None,
+        help="file of KEY=VALUE settings to read (default .env in the working directory; "
+        "'' reads none)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="worker processes sharing the port (default 1; use about one per core)",
+    )
+    parser.add_argument(
+        "--log-level",
+        help="critical, error, warning, info, debug (VLLM_WRAPPER_LOG_LEVEL, default info)",
+    )
+    return parser
+
+
+def resolve_settings(args: argparse.Namespace) -> Settings:
+    """Apply command-line overrides through the environment, so worker processes agree."""
+    if args.env_file is not None:
+        os.environ["VLLM_WRAPPER_ENV_FILE"] = args.env_file
+    if args.host is not None:
+        os.environ["VLLM_WRAPPER_HOST"] = args.host
+    if args.port is not None:
+        os.environ["VLLM_WRAPPER_PORT"] = args.port
+    if args.log_level is not None:
+        os.environ["VLLM_WRAPPER_LOG_LEVEL"] = args.log_level
+    return Settings.from_env()
+
+
+def log_config(level: str) -> dict[str, object]:
+    """uvicorn's logging, plus our own loggers on stdout."""
+    from uvicorn.config import LOGGING_CONFIG
+
+    config: dict = {**LOGGING_CONFIG}
+    config["formatters"] = {
+        **LOGGING_CONFIG["formatters"],
+        "gateway": {
+            "()": "logging.Formatter",
+            "fmt": "%(asctime)s %(levelname)s %(name)s: %(message)s",
+        },
+    }
+    config["handlers"] = {
+        **LOGGING_CONFIG["handlers"],
+        "gateway": {
+            "formatter": "gateway",
+            "class": "logging.StreamHandler",
+            "stream": "ext://sys.stdout",
+        },
+    }
+    upper = "DEBUG" if level == "trace" else level.upper()
+    config["loggers"] = {
+        **LOGGING_CONFIG["loggers"],
+        "proxy": {"handlers": ["gateway"], "level": upper, "propagate": False},
+    }
+    return config
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.workers < 1:
+        print("error: --workers must be at least 1", file=sys.stderr)
+        sys.exit(2)
+    try:
+        settings = resolve_settings(args)
+    except ConfigError as exc:
+        print(f"error: invalid setting {exc}", file=sys.stderr)
+        sys.exit(2)
+
+    import uvicorn
+
+    from proxy.app import create_app
+
+    options: dict = {
+        "host": settings.host,
+        "port": settings.port,
+        "log_level": settings.log_level,
+        "log_config": log_config(settings.log_level),
+        "access_log": False,  # the gateway logs one line per request itself
+        "timeout_graceful_shutdown": settings.graceful_timeout,
+    }
+    if args.workers > 1:
+        uvicorn.run("proxy.app:create_app", factory=True, workers=args.workers, **options)
+    else:
+        uvicorn.run(create_app(settings), **options)

@@ -1,0 +1,141 @@
+"""The ``/v1/*`` relay: request bytes in, upstream raw bytes out, streamed.
+
+Nothing is parsed: the body is buffered once (so a retry can replay it) and
+sent upstream as is; the response status, end-to-end headers and body bytes
+come back exactly as the upstream sent them, chunk by chunk. If the client
+goes away the upstream response is closed at once, which makes vLLM abort
+the generation. If the upstream fails after the response started, the
+client's connection is cut (no clean end), so the client sees the failure.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from urllib.parse import quote
+
+import anyio
+
+from proxy.accesslog import RequestInfo, request_info
+from proxy.asgi import Receive, Scope, Send, route_path
+from proxy.body import ClientDisconnected, read_body, wait_disconnect
+from proxy.config import Settings
+from proxy.errors import BadRequest, ClientError, Forbidden, UpstreamError
+from proxy.headers import client_response_headers, upstream_request_headers
+from proxy.retry import RetryPolicy, send_with_retry
+from proxy.upstream import Upstream, UpstreamResponse
+
+log = logging.getLogger(__name__)
+
+# vLLM's administrative endpoints under /v1: off unless VLLM_WRAPPER_ALLOW_ADMIN.
+ADMIN_PATHS = frozenset({"/load_lora_adapter", "/unload_lora_adapter"})
+_PATH_SAFE = "/:@!$&'()*+,;=-._~"
+
+
+class Relay:
+    """Send one buffered request upstream (with retries) and stream the answer to the client."""
+
+    def __init__(self, upstream: Upstream, policy: RetryPolicy, settings: Settings) -> None:
+        self.upstream = upstream
+        self.policy = policy
+        self.api_key = settings.api_key.encode()
+        self.max_body = settings.max_body_bytes
+        self.body_timeout = settings.body_timeout
+
+    async def __call__(
+        self, scope: Scope, receive: Receive, send: Send, *, path: str, query: bytes = b""
+    ) -> None:
+        info = request_info(scope)
+        try:
+            body = await read_body(scope, receive, limit=self.max_body, timeout=self.body_timeout)
+        except ClientError as exc:
+            await exc.send(send)
+            return
+        except ClientDisconnected:
+            info.note = "client-disconnected"
+            return
+        headers = upstream_request_headers(
+            scope["headers"], api_key=self.api_key, request_id=info.request_id
+        )
+        url = self.upstream.url(path, query)
+        method = scope["method"]
+
+        async def attempt() -> UpstreamResponse:
+            info.attempts += 1
+            return await self.upstream.send(method, url, headers, body)
+
+        disconnected: list[bool] = []
+        completed = False
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(wait_disconnect, receive, tg.cancel_scope, disconnected)
+            try:
+                completed = await self._exchange(send, attempt, info)
+            finally:
+                tg.cancel_scope.cancel()
+        if disconnected and not completed:
+            info.note = "client-disconnected"
+            log.debug("client disconnected; upstream closed (id=%s)", info.request_id)
+
+    async def _exchange(
+        self,
+        send: Send,
+        attempt: Callable[[], Awaitable[UpstreamResponse]],
+        info: RequestInfo,
+    ) -> bool:
+        """Returns True when the response was sent completely."""
+        start = time.perf_counter()
+        try:
+            response = await send_with_retry(attempt, self.policy)
+        except UpstreamError as exc:
+            info.upstream_ms = (time.perf_counter() - start) * 1000
+            info.note = exc.code or ""
+            log.warning("upstream failed: %s (id=%s)", exc.message, info.request_id)
+            await exc.send(send)
+            return True
+        info.upstream_ms = (time.perf_counter() - start) * 1000
+        try:
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": response.status,
+                    "headers": client_response_headers(response.headers),
+                }
+            )
+            async for chunk in response.chunks():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return True
+        except UpstreamError as exc:
+            # The status is already sent: end without completing the body so the server
+            # closes the connection and the client sees a cut, not a clean (short) answer.
+            info.note = f"cut:{exc.code}"
+            log.warning("upstream failed mid-response: %s (id=%s)", exc.message, info.request_id)
+            return False
+        finally:
+            with anyio.CancelScope(shield=True):
+                await response.aclose()
+
+
+class Passthrough:
+    """ASGI app for ``/v1/{path}``: check the path, then relay it to ``{VLLM_BASE_URL}/{path}``."""
+
+    def __init__(self, relay: Relay, *, allow_admin: bool = False, prefix: str = "/v1") -> None:
+        self.relay = relay
+        self.allow_admin = allow_admin
+        self.prefix = prefix
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        sub = route_path(scope)[len(self.prefix) :]
+        segments = sub.split("/")
+        if ".." in segments or "." in segments:
+            await BadRequest("path must not contain '.' or '..' segments").send(send)
+            return
+        if not self.allow_admin and sub.rstrip("/") in ADMIN_PATHS:
+            await Forbidden(
+                f"{self.prefix}{sub} is an administrative endpoint and is disabled on this "
+                "gateway (set VLLM_WRAPPER_ALLOW_ADMIN=true to enable it)"
+            ).send(send)
+            return
+        path = quote(sub, safe=_PATH_SAFE)
+        await self.relay(scope, receive, send, path=path, query=scope["query_string"])
