@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
+import socket
 import sys
 from collections.abc import Sequence
 
@@ -38,6 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="worker processes sharing the port (default 1; use about one per core)",
     )
     parser.add_argument(
+        "--demo",
+        action="store_true",
+        default=None,
+        help="serve in front of a built-in simulated vLLM on a free loopback port (no GPU "
+        "needed; VLLM_BASE_URL is ignored; VLLM_WRAPPER_DEMO)",
+    )
+    parser.add_argument(
         "--log-level",
         help="critical, error, warning, info, debug (VLLM_WRAPPER_LOG_LEVEL, default info)",
     )
@@ -54,6 +63,8 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
         os.environ["VLLM_WRAPPER_PORT"] = args.port
     if args.log_level is not None:
         os.environ["VLLM_WRAPPER_LOG_LEVEL"] = args.log_level
+    if args.demo:
+        os.environ["VLLM_WRAPPER_DEMO"] = "true"
     return Settings.from_env()
 
 
@@ -108,7 +119,55 @@ def main(argv: Sequence[str] | None = None) -> None:
         "access_log": False,  # the gateway logs one line per request itself
         "timeout_graceful_shutdown": settings.graceful_timeout,
     }
-    if args.workers > 1:
+    if settings.demo:
+        if args.workers > 1:
+            print("error: --demo runs a single worker", file=sys.stderr)
+            sys.exit(2)
+        asyncio.run(serve_demo(settings, options))
+    elif args.workers > 1:
         uvicorn.run("proxy.app:create_app", factory=True, workers=args.workers, **options)
     else:
         uvicorn.run(create_app(settings), **options)
+
+
+async def serve_demo(settings: Settings, options: dict) -> None:
+    """The gateway and the simulated vLLM in one process and one event loop."""
+    import uvicorn
+
+    from proxy.app import create_app
+    from proxy.sim.app import create_sim_app
+    from proxy.sim.options import SimOptions
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        sim_port = s.getsockname()[1]
+    models = (settings.model,) if settings.model == "tiny-llama" else (settings.model, "tiny-llama")
+    # A short pause between tokens makes streaming visible to a person watching.
+    sim_options = SimOptions(models=models, port=sim_port, token_delay=0.02)
+    sim = uvicorn.Server(
+        uvicorn.Config(
+            create_sim_app(sim_options),
+            host="127.0.0.1",
+            port=sim_port,
+            log_level="warning",
+            access_log=False,
+        )
+    )
+    settings = settings.replace(base_url=f"http://127.0.0.1:{sim_port}/v1")
+    gateway = uvicorn.Server(uvicorn.Config(create_app(settings), **options))
+    sim_task = asyncio.create_task(sim.serve())
+    while not sim.started:
+        if sim_task.done():
+            await sim_task  # surfaces why it could not start
+            return
+        await asyncio.sleep(0.01)
+    print(
+        f"demo: simulated vLLM serving {', '.join(models)} on {settings.base_url}; "
+        f"gateway on http://{settings.host}:{settings.port}",
+        flush=True,
+    )
+    try:
+        await gateway.serve()
+    finally:
+        sim.should_exit = True
+        await sim_task

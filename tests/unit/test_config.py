@@ -32,8 +32,19 @@ def test_reads_every_spec_variable() -> None:
     }
     s = Settings.from_env(env, env_file="")
     assert s.base_url == "https://example.test/v1"
-    assert (s.model, s.api_key, s.host, s.port, s.wrapper_api_key) == ("m", "up", "127.0.0.1", 9000, "k")
-    assert (s.default_max_tokens, s.default_temperature, s.max_retries, s.timeout) == (12, 0.0, 0, 2.5)
+    assert (s.model, s.api_key, s.host, s.port, s.wrapper_api_key) == (
+        "m",
+        "up",
+        "127.0.0.1",
+        9000,
+        "k",
+    )
+    assert (s.default_max_tokens, s.default_temperature, s.max_retries, s.timeout) == (
+        12,
+        0.0,
+        0,
+        2.5,
+    )
     assert s.cors_origins == ("https://a.test", "https://b.test")
 
 
