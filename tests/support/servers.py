@@ -48,7 +48,9 @@ class ServerProcess:
         self.startup_timeout = startup_timeout
         self.name = name
         self.proc: subprocess.Popen[bytes] | None = None
-        self._log = tempfile.NamedTemporaryFile(prefix=f"{name}-", suffix=".log", delete=False)
+        self._log = tempfile.NamedTemporaryFile(  # noqa: SIM115 - lives as long as the server
+            prefix=f"{name}-", suffix=".log", delete=False
+        )
 
     @property
     def url(self) -> str:
