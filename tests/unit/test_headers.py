@@ -3,11 +3,11 @@ from __future__ import annotations
 import pytest
 
 from proxy.headers import (
+    HOP_BY_HOP,
     client_response_headers,
     request_id_from,
     strip_headers,
     upstream_request_headers,
-    HOP_BY_HOP,
 )
 
 

@@ -1,4 +1,4 @@
-# ruff: noqa: RUF001 - Chinese text uses full-width punctuation on purpose
+
 from __future__ import annotations
 
 import random
