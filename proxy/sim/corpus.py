@@ -1,4 +1,3 @@
-# ruff: noqa: RUF001 - Chinese text uses full-width punctuation on purpose
 """The built-in corpus the simulator draws its answers from.
 
 Plain sentences, so answers read like text; a few poems and code snippets for

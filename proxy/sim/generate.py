@@ -1,4 +1,3 @@
-# ruff: noqa: RUF001 - Chinese text uses full-width punctuation on purpose
 """What the simulator says: an answer composed from the corpus, then a plan.
 
 A :class:`Plan` is the whole generation decided up front (tokens, finish

@@ -8,7 +8,7 @@ import pytest
 from proxy.sim.errors import SimError
 from proxy.sim.validate import chat_request, completion_request, parse_body
 
-from .test_sim_wire import load_transcript, needs_reference
+from .test_sim_wire import load_transcript
 
 MODELS = ("tiny-llama",)
 CTX = 512  # the recorded server's max_model_len
@@ -22,7 +22,6 @@ def answer(content_type: str, body: bytes, path: str = "/v1/chat/completions") -
     return info.value
 
 
-@needs_reference
 @pytest.mark.parametrize(
     "name",
     [
