@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from proxy.app import create_app
+from proxy.gateway import create_app
 from proxy.config import ConfigError, Settings
 from proxy.errors import GatewayError, UpstreamError
 

@@ -109,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     import uvicorn
 
-    from proxy.app import create_app
+    from proxy.gateway import create_app
 
     options: dict = {
         "host": settings.host,
@@ -125,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             sys.exit(2)
         asyncio.run(serve_demo(settings, options))
     elif args.workers > 1:
-        uvicorn.run("proxy.app:create_app", factory=True, workers=args.workers, **options)
+        uvicorn.run("proxy.gateway:create_app", factory=True, workers=args.workers, **options)
     else:
         uvicorn.run(create_app(settings), **options)
 
@@ -134,7 +134,7 @@ async def serve_demo(settings: Settings, options: dict) -> None:
     """The gateway and the simulated vLLM in one process and one event loop."""
     import uvicorn
 
-    from proxy.app import create_app
+    from proxy.gateway import create_app
     from proxy.sim.app import create_sim_app
     from proxy.sim.options import SimOptions
 
