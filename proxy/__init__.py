@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from proxy.gateway import create_app
 from proxy.config import ConfigError, Settings
 from proxy.errors import GatewayError, UpstreamError
+from proxy.gateway import create_app
 
 if TYPE_CHECKING:
     from starlette.applications import Starlette

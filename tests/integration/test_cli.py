@@ -70,7 +70,8 @@ def test_env_file_settings_are_used(tmp_path, sim: Sim) -> None:
 
 def test_uvicorn_proxy_app_works(sim: Sim) -> None:
     port = free_port()
-    args = [sys.executable, "-m", "uvicorn", "proxy:app", "--host", "127.0.0.1", "--port", str(port)]
+    args = [sys.executable, "-m", "uvicorn", "proxy:app", "--host", "127.0.0.1"]
+    args += ["--port", str(port)]
     env = {"VLLM_BASE_URL": sim.base_url, "VLLM_WRAPPER_ENV_FILE": ""}
     with ServerProcess(args, port=port, env=env) as gw:
         r = httpx.get(gw.url + "/health", timeout=10)
