@@ -2,13 +2,14 @@
 
 ``create_app(settings)`` builds an ASGI app; ``app`` is the one built from the
 environment (so ``uvicorn proxy:app`` works), created on first access.
+``lifespan(gateway)`` runs a mounted gateway's lifespan inside its host app's.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from proxy.app import create_app
+from proxy.app import create_app, lifespan
 from proxy.config import ConfigError, Settings
 from proxy.errors import GatewayError, UpstreamError
 
@@ -17,7 +18,15 @@ if TYPE_CHECKING:
 
     app: Starlette
 
-__all__ = ["ConfigError", "GatewayError", "Settings", "UpstreamError", "app", "create_app"]
+__all__ = [
+    "ConfigError",
+    "GatewayError",
+    "Settings",
+    "UpstreamError",
+    "app",
+    "create_app",
+    "lifespan",
+]
 
 
 def __getattr__(name: str) -> Any:

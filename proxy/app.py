@@ -3,6 +3,9 @@
 Middleware, outermost first: access log (request id, one line per request)
 → CORS (only when ``VLLM_WRAPPER_CORS_ORIGINS`` is set) → bearer auth →
 routes. All are pure ASGI, so streamed bodies pass through untouched.
+
+Mounted inside another app (``Mount("/llm", app=gateway)``) the gateway gets
+no lifespan events of its own; the host runs them with :func:`lifespan`.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -56,6 +60,23 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 async def _server_error(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return _json_error(500, "internal gateway error; see the gateway log")
+
+
+def lifespan(gateway: Starlette) -> AbstractAsyncContextManager[None]:
+    """The gateway's lifespan (its upstream connection pool), for a host app that mounts it.
+
+    Enter it inside the host's own lifespan::
+
+        gateway = create_app()
+
+        @contextlib.asynccontextmanager
+        async def host_lifespan(app):
+            async with proxy.lifespan(gateway):
+                yield
+
+        app = Starlette(routes=[Mount("/llm", app=gateway)], lifespan=host_lifespan)
+    """
+    return gateway.router.lifespan_context(gateway)
 
 
 def create_app(settings: Settings | None = None) -> Starlette:

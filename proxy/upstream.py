@@ -2,16 +2,20 @@
 
 ``Upstream`` is an async context manager so it works both in the app's
 lifespan and in a host app that mounts the gateway (Starlette does not send
-lifespan events to mounted apps).
+lifespan events to mounted apps). Leaving it waits (up to
+``VLLM_WRAPPER_GRACEFUL_TIMEOUT``) for responses still being relayed before it
+closes the pool, so a server whose lifespan shutdown overlaps in-flight
+streams does not cut them.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from types import TracebackType
 
+import anyio
 import httpx
 
 from proxy.config import Settings
@@ -56,10 +60,11 @@ def mapped_errors(phase: str) -> Iterator[None]:
 class UpstreamResponse:
     """A response whose headers have arrived and whose body streams as raw bytes."""
 
-    __slots__ = ("_response", "headers", "status")
+    __slots__ = ("_on_close", "_response", "headers", "status")
 
-    def __init__(self, response: httpx.Response) -> None:
+    def __init__(self, response: httpx.Response, on_close: Callable[[], None] | None = None):
         self._response = response
+        self._on_close = on_close
         self.status = response.status_code
         self.headers: HeaderList = [(k.lower(), v) for k, v in response.headers.raw]
 
@@ -75,7 +80,12 @@ class UpstreamResponse:
         return b"".join(parts)
 
     async def aclose(self) -> None:
-        await self._response.aclose()
+        try:
+            await self._response.aclose()
+        finally:
+            on_close, self._on_close = self._on_close, None
+            if on_close is not None:
+                on_close()
 
 
 class Upstream:
@@ -96,6 +106,14 @@ class Upstream:
         self._transport = transport
         self._client: httpx.AsyncClient | None = None
         self._users = 0
+        self._drain_timeout = settings.graceful_timeout
+        self._open = 0  # responses handed out and not yet closed
+        self._drained: anyio.Event | None = None
+
+    @property
+    def is_open(self) -> bool:
+        """Whether the connection pool exists (between entering and leaving, or lazily)."""
+        return self._client is not None
 
     @property
     def client(self) -> httpx.AsyncClient:
@@ -129,9 +147,27 @@ class Upstream:
     ) -> None:
         self._users -= 1
         if self._users <= 0 and self._client is not None:
-            client, self._client = self._client, None
             self._users = 0
-            await client.aclose()
+            await self._drain()
+            client, self._client = self._client, None
+            if client is not None:
+                await client.aclose()
+
+    async def _drain(self) -> None:
+        """Wait for responses still being relayed, up to the graceful timeout."""
+        if not self._open:
+            return
+        log.info("waiting for %d upstream response(s) to finish", self._open)
+        self._drained = anyio.Event()
+        with anyio.move_on_after(self._drain_timeout):
+            await self._drained.wait()
+        if self._open:
+            log.warning("closing the upstream client with %d response(s) open", self._open)
+
+    def _released(self) -> None:
+        self._open -= 1
+        if self._open == 0 and self._drained is not None:
+            self._drained.set()
 
     def url(self, path: str, query: bytes = b"") -> str:
         """``path`` is relative to the base URL (``/chat/completions``)."""
@@ -152,7 +188,8 @@ class Upstream:
         )
         with mapped_errors("request"):
             response = await self.client.send(request, stream=True)
-        return UpstreamResponse(response)
+        self._open += 1
+        return UpstreamResponse(response, self._released)
 
     async def probe(self) -> tuple[bool, str]:
         """Quick availability check: ``GET {base}/models`` with the short health timeout."""
