@@ -1,8 +1,9 @@
 """``create_app()``: routes, middleware order, lifespan.
 
-Middleware, outermost first: access log (request id, one line per request)
-→ CORS (only when ``VLLM_WRAPPER_CORS_ORIGINS`` is set) → bearer auth →
-routes. All are pure ASGI, so streamed bodies pass through untouched.
+Middleware, outermost first: in-flight count (the lifespan shutdown waits for
+it) → access log (request id, one line per request) → CORS (only when
+``VLLM_WRAPPER_CORS_ORIGINS`` is set) → bearer auth → routes. All are pure ASGI, so
+streamed bodies pass through untouched.
 
 Mounted inside another app (``Mount("/llm", app=gateway)``) the gateway gets
 no lifespan events of its own; the host runs them with :func:`lifespan`.
@@ -28,6 +29,7 @@ from proxy.auth import BearerAuthMiddleware
 from proxy.config import Settings
 from proxy.errors import error_body
 from proxy.health import Health, Models
+from proxy.inflight import InFlight, InFlightMiddleware
 from proxy.passthrough import Passthrough, Relay
 from proxy.retry import RetryPolicy
 from proxy.upstream import Upstream
@@ -92,7 +94,11 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/v1/{path:path}", Passthrough(relay, allow_admin=settings.allow_admin)),
     ]
 
-    middleware = [Middleware(AccessLogMiddleware, enabled=settings.access_log)]
+    inflight = InFlight()
+    middleware = [
+        Middleware(InFlightMiddleware, tracker=inflight),
+        Middleware(AccessLogMiddleware, enabled=settings.access_log),
+    ]
     if settings.cors_origins:
         middleware.append(
             Middleware(
@@ -109,6 +115,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with upstream:
             yield
+            # Requests the server has not finished (or has just cancelled) end first.
+            await inflight.wait_idle(settings.graceful_timeout)
 
     app = Starlette(
         routes=routes,

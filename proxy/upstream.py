@@ -2,20 +2,16 @@
 
 ``Upstream`` is an async context manager so it works both in the app's
 lifespan and in a host app that mounts the gateway (Starlette does not send
-lifespan events to mounted apps). Leaving it waits (up to
-``VLLM_WRAPPER_GRACEFUL_TIMEOUT``) for responses still being relayed before it
-closes the pool, so a server whose lifespan shutdown overlaps in-flight
-streams does not cut them.
+lifespan events to mounted apps).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from types import TracebackType
 
-import anyio
 import httpx
 
 from proxy.config import Settings
@@ -60,11 +56,10 @@ def mapped_errors(phase: str) -> Iterator[None]:
 class UpstreamResponse:
     """A response whose headers have arrived and whose body streams as raw bytes."""
 
-    __slots__ = ("_on_close", "_response", "headers", "status")
+    __slots__ = ("_response", "headers", "status")
 
-    def __init__(self, response: httpx.Response, on_close: Callable[[], None] | None = None):
+    def __init__(self, response: httpx.Response) -> None:
         self._response = response
-        self._on_close = on_close
         self.status = response.status_code
         self.headers: HeaderList = [(k.lower(), v) for k, v in response.headers.raw]
 
@@ -80,12 +75,7 @@ class UpstreamResponse:
         return b"".join(parts)
 
     async def aclose(self) -> None:
-        try:
-            await self._response.aclose()
-        finally:
-            on_close, self._on_close = self._on_close, None
-            if on_close is not None:
-                on_close()
+        await self._response.aclose()
 
 
 class Upstream:
@@ -106,9 +96,6 @@ class Upstream:
         self._transport = transport
         self._client: httpx.AsyncClient | None = None
         self._users = 0
-        self._drain_timeout = settings.graceful_timeout
-        self._open = 0  # responses handed out and not yet closed
-        self._drained: anyio.Event | None = None
 
     @property
     def is_open(self) -> bool:
@@ -147,27 +134,9 @@ class Upstream:
     ) -> None:
         self._users -= 1
         if self._users <= 0 and self._client is not None:
-            self._users = 0
-            await self._drain()
             client, self._client = self._client, None
-            if client is not None:
-                await client.aclose()
-
-    async def _drain(self) -> None:
-        """Wait for responses still being relayed, up to the graceful timeout."""
-        if not self._open:
-            return
-        log.info("waiting for %d upstream response(s) to finish", self._open)
-        self._drained = anyio.Event()
-        with anyio.move_on_after(self._drain_timeout):
-            await self._drained.wait()
-        if self._open:
-            log.warning("closing the upstream client with %d response(s) open", self._open)
-
-    def _released(self) -> None:
-        self._open -= 1
-        if self._open == 0 and self._drained is not None:
-            self._drained.set()
+            self._users = 0
+            await client.aclose()
 
     def url(self, path: str, query: bytes = b"") -> str:
         """``path`` is relative to the base URL (``/chat/completions``)."""
@@ -188,8 +157,7 @@ class Upstream:
         )
         with mapped_errors("request"):
             response = await self.client.send(request, stream=True)
-        self._open += 1
-        return UpstreamResponse(response, self._released)
+        return UpstreamResponse(response)
 
     async def probe(self) -> tuple[bool, str]:
         """Quick availability check: ``GET {base}/models`` with the short health timeout."""
