@@ -21,17 +21,11 @@ BIN = Path(sys.executable).parent
 def _command(server: str, port: int) -> list[str]:
     if server == "hypercorn":
         # HTTP/1.1 and HTTP/2 (h2c with prior knowledge; h2 over TLS with --certfile).
-        return [sys.executable, "-m", "hypercorn", "proxy.app:create_app()"] + [
-            "--bind",
-            f"127.0.0.1:{port}",
-        ]
+        app = "proxy.app:create_app()"
+        return [sys.executable, "-m", "hypercorn", app, "--bind", f"127.0.0.1:{port}"]
     # granian (a Rust server); the factory reads settings from the environment.
-    return [str(BIN / "granian"), "--interface", "asgi", "--factory", "proxy.app:create_app"] + [
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    ]
+    app_args = ["--interface", "asgi", "--factory", "proxy.app:create_app"]
+    return [str(BIN / "granian"), *app_args, "--host", "127.0.0.1", "--port", str(port)]
 
 
 @pytest.fixture(scope="module", params=["hypercorn", "granian"])
