@@ -2,6 +2,7 @@
 
 ``create_app(settings)`` builds an ASGI app; ``app`` is the one built from the
 environment (so ``uvicorn proxy:app`` works), created on first access.
+``lifespan(gateway)`` runs a mounted gateway's lifespan inside its host app's.
 """
 
 from __future__ import annotations
@@ -10,14 +11,22 @@ from typing import TYPE_CHECKING, Any
 
 from proxy.config import ConfigError, Settings
 from proxy.errors import GatewayError, UpstreamError
-from proxy.gateway import create_app
+from proxy.gateway import create_app, lifespan
 
 if TYPE_CHECKING:
     from starlette.applications import Starlette
 
     app: Starlette
 
-__all__ = ["ConfigError", "GatewayError", "Settings", "UpstreamError", "app", "create_app"]
+__all__ = [
+    "ConfigError",
+    "GatewayError",
+    "Settings",
+    "UpstreamError",
+    "app",
+    "create_app",
+    "lifespan",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -1,8 +1,12 @@
 """``create_app()``: routes, middleware order, lifespan.
 
-Middleware, outermost first: access log (request id, one line per request)
-→ CORS (only when ``VLLM_WRAPPER_CORS_ORIGINS`` is set) → bearer auth →
-routes. All are pure ASGI, so streamed bodies pass through untouched.
+Middleware, outermost first: in-flight count (the lifespan shutdown waits for
+it) → access log (request id, one line per request) → CORS (only when
+``VLLM_WRAPPER_CORS_ORIGINS`` is set) → bearer auth → routes. All are pure ASGI, so
+streamed bodies pass through untouched.
+
+Mounted inside another app (``Mount("/llm", app=gateway)``) the gateway gets
+no lifespan events of its own; the host runs them with :func:`lifespan`.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -24,6 +29,7 @@ from proxy.auth import BearerAuthMiddleware
 from proxy.config import Settings
 from proxy.errors import error_body
 from proxy.health import Health, Models
+from proxy.inflight import InFlight, InFlightMiddleware
 from proxy.passthrough import Passthrough, Relay
 from proxy.retry import RetryPolicy
 from proxy.upstream import Upstream
@@ -58,6 +64,23 @@ async def _server_error(request: Request, exc: Exception) -> Response:
     return _json_error(500, "internal gateway error; see the gateway log")
 
 
+def lifespan(gateway: Starlette) -> AbstractAsyncContextManager[None]:
+    """The gateway's lifespan (its upstream connection pool), for a host app that mounts it.
+
+    Enter it inside the host's own lifespan::
+
+        gateway = create_app()
+
+        @contextlib.asynccontextmanager
+        async def host_lifespan(app):
+            async with proxy.lifespan(gateway):
+                yield
+
+        app = Starlette(routes=[Mount("/llm", app=gateway)], lifespan=host_lifespan)
+    """
+    return gateway.router.lifespan_context(gateway)
+
+
 def create_app(settings: Settings | None = None) -> Starlette:
     """Build the gateway from ``settings`` (default: from the environment and ``.env``)."""
     if settings is None:
@@ -71,7 +94,11 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/v1/{path:path}", Passthrough(relay, allow_admin=settings.allow_admin)),
     ]
 
-    middleware = [Middleware(AccessLogMiddleware, enabled=settings.access_log)]
+    inflight = InFlight()
+    middleware = [
+        Middleware(InFlightMiddleware, tracker=inflight),
+        Middleware(AccessLogMiddleware, enabled=settings.access_log),
+    ]
     if settings.cors_origins:
         middleware.append(
             Middleware(
@@ -88,6 +115,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with upstream:
             yield
+            # Requests the server has not finished (or has just cancelled) end first.
+            await inflight.wait_idle(settings.graceful_timeout)
 
     app = Starlette(
         routes=routes,

@@ -98,6 +98,11 @@ class Upstream:
         self._users = 0
 
     @property
+    def is_open(self) -> bool:
+        """Whether the connection pool exists (between entering and leaving, or lazily)."""
+        return self._client is not None
+
+    @property
     def client(self) -> httpx.AsyncClient:
         if self._client is None:
             # Mounted without its lifespan: open lazily rather than fail every request.
