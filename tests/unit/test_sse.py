@@ -50,6 +50,7 @@ def test_hidden_event_skips_line_readers_but_not_parsers() -> None:
     ("raw", "expected"),
     [
         (b"data: x\r\n\r\n", [Event("x")]),
+        (b"data: a\r\ndata: b\r\n\r\n", [Event("a\nb")]),  # CRLF split: one event
         (b"data: x\r\rdata: y\n\n", [Event("x"), Event("y")]),
         (b": comment\ndata: x\n\n", [Event("x")]),
         (b"event: usage\ndata:{}\nid: 7\n\n", [Event("{}", "usage", "7")]),
