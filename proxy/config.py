@@ -51,6 +51,7 @@ class Settings:
     allow_admin: bool = False
     graceful_timeout: float = 30.0
     demo: bool = False
+    docs: bool = True
     extra: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -252,4 +253,5 @@ ENV_VARS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "VLLM_WRAPPER_ALLOW_ADMIN": ("allow_admin", _bool),
     "VLLM_WRAPPER_GRACEFUL_TIMEOUT": ("graceful_timeout", _float_range(0.0)),
     "VLLM_WRAPPER_DEMO": ("demo", _bool),
+    "VLLM_WRAPPER_DOCS": ("docs", _bool),
 }

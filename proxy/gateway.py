@@ -26,7 +26,9 @@ from starlette.routing import Route
 
 from proxy.accesslog import AccessLogMiddleware
 from proxy.auth import BearerAuthMiddleware
+from proxy.chat import Chat
 from proxy.config import Settings
+from proxy.docs import ASSET_PREFIX, PUBLIC_PATHS, Docs
 from proxy.errors import error_body
 from proxy.health import Health, Models
 from proxy.inflight import InFlight, InFlightMiddleware
@@ -91,8 +93,20 @@ def create_app(settings: Settings | None = None) -> Starlette:
     routes = [
         Route("/health", Health(upstream, settings)),
         Route("/models", Models(relay)),
+        Route("/chat", Chat(relay, settings)),
         Route("/v1/{path:path}", Passthrough(relay, allow_admin=settings.allow_admin)),
     ]
+    public = ["/health"]
+    if settings.docs:
+        docs = Docs(settings)
+        routes += [
+            Route("/docs", docs),
+            Route("/openapi.json", docs),
+            Route(ASSET_PREFIX + "{name}", docs),
+        ]
+        # The docs describe the API without calling it; a browser cannot send a bearer
+        # header to open a page, so they are public (README, "API docs").
+        public += PUBLIC_PATHS
 
     inflight = InFlight()
     middleware = [
@@ -109,7 +123,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 expose_headers=["x-request-id"],
             )
         )
-    middleware.append(Middleware(BearerAuthMiddleware, api_key=settings.wrapper_api_key))
+    middleware.append(
+        Middleware(BearerAuthMiddleware, api_key=settings.wrapper_api_key, exempt=public)
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

@@ -47,13 +47,8 @@ class Relay:
         self, scope: Scope, receive: Receive, send: Send, *, path: str, query: bytes = b""
     ) -> None:
         info = request_info(scope)
-        try:
-            body = await read_body(scope, receive, limit=self.max_body, timeout=self.body_timeout)
-        except ClientError as exc:
-            await exc.send(send)
-            return
-        except ClientDisconnected:
-            info.note = "client-disconnected"
+        body = await self.read_request(scope, receive, send, info)
+        if body is None:
             return
         headers = upstream_request_headers(
             scope["headers"], api_key=self.api_key, request_id=info.request_id
@@ -65,17 +60,50 @@ class Relay:
             info.attempts += 1
             return await self.upstream.send(method, url, headers, body)
 
+        await self.guard(receive, info, lambda: self._exchange(send, attempt, info))
+
+    async def read_request(
+        self, scope: Scope, receive: Receive, send: Send, info: RequestInfo
+    ) -> bytes | None:
+        """The whole request body, or None after answering the client's error (413, 408...)."""
+        try:
+            return await read_body(scope, receive, limit=self.max_body, timeout=self.body_timeout)
+        except ClientError as exc:
+            await exc.send(send)
+        except ClientDisconnected:
+            info.note = "client-disconnected"
+        return None
+
+    async def guard(
+        self, receive: Receive, info: RequestInfo, exchange: Callable[[], Awaitable[bool]]
+    ) -> None:
+        """Run ``exchange`` (True when it sent its response completely), cancelling it the
+        moment the client disconnects so the upstream request is closed at once."""
         disconnected: list[bool] = []
         completed = False
         async with anyio.create_task_group() as tg:
             tg.start_soon(wait_disconnect, receive, tg.cancel_scope, disconnected)
             try:
-                completed = await self._exchange(send, attempt, info)
+                completed = await exchange()
             finally:
                 tg.cancel_scope.cancel()
         if disconnected and not completed:
             info.note = "client-disconnected"
             log.debug("client disconnected; upstream closed (id=%s)", info.request_id)
+
+    async def open(
+        self, attempt: Callable[[], Awaitable[UpstreamResponse]], info: RequestInfo
+    ) -> UpstreamResponse:
+        """``send_with_retry`` with the upstream time recorded; logs and re-raises failures."""
+        start = time.perf_counter()
+        try:
+            return await send_with_retry(attempt, self.policy)
+        except UpstreamError as exc:
+            info.note = exc.code or ""
+            log.warning("upstream failed: %s (id=%s)", exc.message, info.request_id)
+            raise
+        finally:
+            info.upstream_ms = (time.perf_counter() - start) * 1000
 
     async def _exchange(
         self,
@@ -84,16 +112,11 @@ class Relay:
         info: RequestInfo,
     ) -> bool:
         """Returns True when the response was sent completely."""
-        start = time.perf_counter()
         try:
-            response = await send_with_retry(attempt, self.policy)
+            response = await self.open(attempt, info)
         except UpstreamError as exc:
-            info.upstream_ms = (time.perf_counter() - start) * 1000
-            info.note = exc.code or ""
-            log.warning("upstream failed: %s (id=%s)", exc.message, info.request_id)
             await exc.send(send)
             return True
-        info.upstream_ms = (time.perf_counter() - start) * 1000
         try:
             await send(
                 {

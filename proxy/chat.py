@@ -1,0 +1,386 @@
+"""``POST /chat``: the simplified chat endpoint, translated to ``/chat/completions``.
+
+Request ``{"messages", "max_tokens"?, "temperature"?, "top_p"?, "stop"?,
+"model"?, "stream"?}``; defaults from ``VLLM_MODEL``,
+``VLLM_DEFAULT_MAX_TOKENS`` and ``VLLM_DEFAULT_TEMPERATURE``. Other fields
+are passed to vLLM unchanged (``seed``, ``top_k``, ``presence_penalty``...),
+except ``n`` (only 1) and ``stream_options`` (the gateway's own).
+
+Answer ``{"content", "model", "usage", "finish_reason"}``, or with
+``"stream": true`` an event stream::
+
+    data: <text of one delta; one data: line per line of text>
+
+    event: usage
+    data:{"prompt_tokens":9,"completion_tokens":40,"total_tokens":49,"finish_reason":"stop",...}
+
+    data: [DONE]
+
+and, when the upstream fails after the stream began, ``event: error`` with
+an OpenAI-style error body as data, then the end (no ``[DONE]``).
+
+It shares the ``/v1`` relay's body reading, retry policy and disconnect
+handling (:class:`proxy.passthrough.Relay`); unlike ``/v1`` it parses the
+upstream's answer, which is the point of the translation.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+import orjson
+
+from proxy.accesslog import RequestInfo, request_info
+from proxy.asgi import Receive, Scope, Send
+from proxy.config import Settings
+from proxy.errors import (
+    BadRequest,
+    MethodNotAllowed,
+    UpstreamError,
+    UpstreamProtocolError,
+    send_json,
+)
+from proxy.headers import upstream_request_headers
+from proxy.passthrough import Relay
+from proxy.sse import DONE, SSEDecoder, encode_data
+from proxy.upstream import UpstreamResponse
+
+log = logging.getLogger(__name__)
+
+ROLES = ("system", "user", "assistant", "tool")
+RESERVED = ("stream_options",)
+_SSE_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+
+
+class InvalidChat(BadRequest):
+    code = "invalid_value"
+
+
+def _fail(param: str, message: str, code: str = "invalid_value") -> InvalidChat:
+    return InvalidChat(message, param=param, code=code)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _check_messages(messages: Any) -> None:
+    if messages is None:
+        raise _fail("messages", "'messages' is required", "missing_required_parameter")
+    if not isinstance(messages, list):
+        raise _fail(
+            "messages", "'messages' must be a list of {role, content} objects", "invalid_type"
+        )
+    if not messages:
+        raise _fail("messages", "'messages' must not be empty")
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise _fail(
+                where, f"{where} must be an object with 'role' and 'content'", "invalid_type"
+            )
+        role = message.get("role")
+        if role not in ROLES:
+            raise _fail(
+                f"{where}.role", f"{where}.role must be one of {', '.join(ROLES)}; got {role!r}"
+            )
+        if "content" not in message:
+            raise _fail(
+                f"{where}.content", f"{where}.content is required", "missing_required_parameter"
+            )
+        content = message["content"]
+        # A list is OpenAI's content parts (text, image_url...): vLLM checks them.
+        if not (isinstance(content, str | list) or (content is None and role == "assistant")):
+            raise _fail(f"{where}.content", f"{where}.content must be a string", "invalid_type")
+
+
+def parse_chat(body: bytes, settings: Settings) -> tuple[dict[str, Any], bool]:
+    """Validate a ``/chat`` body; return the upstream ``/chat/completions`` payload and ``stream``.
+
+    Raises :class:`InvalidChat` (400) naming the offending field in ``param``.
+    """
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise _fail("body", f"request body is not valid JSON: {exc}", "invalid_json") from None
+    if not isinstance(data, dict):
+        raise _fail("body", "request body must be a JSON object", "invalid_type")
+    _check_messages(data.get("messages"))
+
+    model = data.get("model")
+    if model is not None and (not isinstance(model, str) or not model):
+        raise _fail("model", "'model' must be a non-empty string", "invalid_type")
+    max_tokens = data.get("max_tokens")
+    if max_tokens is not None:
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool):
+            raise _fail("max_tokens", "'max_tokens' must be an integer", "invalid_type")
+        if max_tokens < 1:
+            raise _fail("max_tokens", f"'max_tokens' must be at least 1; got {max_tokens}")
+    temperature = data.get("temperature")
+    if temperature is not None:
+        if not _number(temperature):
+            raise _fail("temperature", "'temperature' must be a number", "invalid_type")
+        if not 0 <= temperature <= 2:
+            raise _fail("temperature", f"'temperature' must be between 0 and 2; got {temperature}")
+    top_p = data.get("top_p")
+    if top_p is not None:
+        if not _number(top_p):
+            raise _fail("top_p", "'top_p' must be a number", "invalid_type")
+        if not (0 < top_p <= 1) or math.isnan(top_p):
+            raise _fail("top_p", f"'top_p' must be greater than 0 and at most 1; got {top_p}")
+    stop = data.get("stop")
+    if stop is not None and not (
+        isinstance(stop, str) or (isinstance(stop, list) and all(isinstance(s, str) for s in stop))
+    ):
+        raise _fail("stop", "'stop' must be a string or a list of strings", "invalid_type")
+    stream = data.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise _fail("stream", "'stream' must be true or false", "invalid_type")
+    n = data.get("n")
+    if n is not None and n != 1:
+        raise _fail("n", "/chat returns one answer: 'n' must be 1 (use /v1/chat/completions)")
+    for name in RESERVED:
+        if name in data:
+            raise _fail(name, f"'{name}' is set by the gateway on /chat; leave it out")
+
+    payload = {k: v for k, v in data.items() if v is not None}
+    payload["model"] = model or settings.model
+    payload["max_tokens"] = settings.default_max_tokens if max_tokens is None else max_tokens
+    payload["temperature"] = settings.default_temperature if temperature is None else temperature
+    payload["stream"] = stream
+    if stream:
+        payload["stream_options"] = {"include_usage": True}
+    return payload, stream
+
+
+def _usage(raw: Any) -> dict[str, int]:
+    raw = raw if isinstance(raw, dict) else {}
+    prompt = int(raw.get("prompt_tokens") or 0)
+    completion = int(raw.get("completion_tokens") or 0)
+    total = raw.get("total_tokens")
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": int(total) if total is not None else prompt + completion,
+    }
+
+
+def translate_completion(body: bytes, fallback_model: str) -> dict[str, Any]:
+    """A ``chat.completion`` body → the ``/chat`` answer. Raises UpstreamProtocolError."""
+    try:
+        data = orjson.loads(body)
+        choice = data["choices"][0]
+        content = choice["message"].get("content")
+    except (orjson.JSONDecodeError, KeyError, IndexError, TypeError, AttributeError) as exc:
+        raise UpstreamProtocolError(
+            f"upstream sent an unexpected chat completion ({exc!r})"
+        ) from None
+    return {
+        "content": content or "",
+        "model": data.get("model") or fallback_model,
+        "usage": _usage(data.get("usage")),
+        "finish_reason": choice.get("finish_reason"),
+    }
+
+
+async def relay_error(send: Send, response: UpstreamResponse) -> None:
+    """An upstream error answer (4xx/5xx) with its status; its body if JSON, else wrapped."""
+    body = await response.read()
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        parsed = None
+    if not (isinstance(parsed, dict) and "error" in parsed):
+        text = (
+            body.decode("utf-8", "replace").strip()[:1000] or f"upstream answered {response.status}"
+        )
+        kind = "invalid_request_error" if response.status < 500 else "upstream_error"
+        body = orjson.dumps(
+            {"error": {"message": text, "type": kind, "param": None, "code": response.status}}
+        )
+    await send_json(send, response.status, body)
+
+
+class _StreamState:
+    __slots__ = ("done", "finish_reason", "model", "usage")
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+        self.finish_reason: str | None = None
+        self.usage: dict[str, int] | None = None
+        self.done = False
+
+    def on_chunk(self, data: str) -> str | None:
+        """One upstream ``data:`` payload → the delta text (or None). Raises UpstreamError."""
+        if data == "[DONE]":
+            self.done = True
+            return None
+        try:
+            chunk = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            raise UpstreamProtocolError("upstream sent a stream event that is not JSON") from None
+        if not isinstance(chunk, dict):
+            raise UpstreamProtocolError("upstream sent a stream event that is not an object")
+        if "error" in chunk:
+            error = chunk["error"] if isinstance(chunk["error"], dict) else {}
+            raise UpstreamError(str(error.get("message") or "upstream reported an error"))
+        self.model = chunk.get("model") or self.model
+        if chunk.get("usage"):
+            self.usage = _usage(chunk["usage"])
+        text = None
+        for choice in chunk.get("choices") or ():
+            if choice.get("index", 0) != 0:
+                continue
+            if choice.get("finish_reason"):
+                self.finish_reason = choice["finish_reason"]
+            text = (choice.get("delta") or {}).get("content")
+        return text or None
+
+    def summary(self) -> bytes:
+        usage = self.usage or _usage(None)
+        info = {**usage, "finish_reason": self.finish_reason, "model": self.model}
+        return encode_data(orjson.dumps(info).decode(), "usage", hide_from_line_readers=True)
+
+
+def error_event(exc: UpstreamError) -> bytes:
+    return encode_data(exc.body().decode(), "error")
+
+
+class Chat:
+    """The ``POST /chat`` ASGI app."""
+
+    def __init__(self, relay: Relay, settings: Settings) -> None:
+        self.relay = relay
+        self.settings = settings
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["method"] != "POST":
+            await MethodNotAllowed("use POST /chat").send(send, [(b"allow", b"POST")])
+            return
+        info = request_info(scope)
+        body = await self.relay.read_request(scope, receive, send, info)
+        if body is None:
+            return
+        try:
+            payload, stream = parse_chat(body, self.settings)
+        except InvalidChat as exc:
+            await exc.send(send)
+            return
+        upstream = self.relay.upstream
+        url = upstream.url("/chat/completions")
+        headers = upstream_request_headers(
+            [(b"content-type", b"application/json")],
+            api_key=self.relay.api_key,
+            request_id=info.request_id,
+        )
+        request = orjson.dumps(payload)
+
+        async def attempt() -> UpstreamResponse:
+            info.attempts += 1
+            return await upstream.send("POST", url, headers, request)
+
+        exchange = self._stream if stream else self._unary
+        await self.relay.guard(
+            receive, info, lambda: exchange(send, attempt, info, payload["model"])
+        )
+
+    async def _open(
+        self, send: Send, attempt: Callable[[], Awaitable[UpstreamResponse]], info: RequestInfo
+    ) -> UpstreamResponse | None:
+        """The upstream's 200 response, or None after sending the client its error."""
+        try:
+            response = await self.relay.open(attempt, info)
+        except UpstreamError as exc:
+            await exc.send(send)
+            return None
+        if response.status == 200:
+            return response
+        info.note = f"upstream-{response.status}"
+        try:
+            await relay_error(send, response)
+        except UpstreamError as exc:
+            await exc.send(send)
+        finally:
+            await _close(response)
+        return None
+
+    async def _unary(
+        self,
+        send: Send,
+        attempt: Callable[[], Awaitable[UpstreamResponse]],
+        info: RequestInfo,
+        model: str,
+    ) -> bool:
+        response = await self._open(send, attempt, info)
+        if response is None:
+            return True
+        try:
+            answer = translate_completion(await response.read(), model)
+        except UpstreamError as exc:
+            log.warning("upstream failed: %s (id=%s)", exc.message, info.request_id)
+            info.note = exc.code or ""
+            await exc.send(send)
+            return True
+        finally:
+            await _close(response)
+        await send_json(send, 200, orjson.dumps(answer))
+        return True
+
+    async def _stream(
+        self,
+        send: Send,
+        attempt: Callable[[], Awaitable[UpstreamResponse]],
+        info: RequestInfo,
+        model: str,
+    ) -> bool:
+        response = await self._open(send, attempt, info)
+        if response is None:
+            return True
+        state = _StreamState(model)
+        decoder = SSEDecoder()
+        try:
+            await send(
+                {"type": "http.response.start", "status": 200, "headers": list(_SSE_HEADERS)}
+            )
+            async for chunk in response.chunks():
+                for event in decoder.feed(chunk):
+                    text = state.on_chunk(event.data)
+                    if text is not None:
+                        await send(
+                            {
+                                "type": "http.response.body",
+                                "body": encode_data(text),
+                                "more_body": True,
+                            }
+                        )
+                if state.done:
+                    break
+            if not state.done:
+                raise UpstreamError(
+                    "upstream ended the stream before [DONE]", code="upstream_stream_incomplete"
+                )
+            tail = state.summary() + DONE
+        except UpstreamError as exc:
+            # The status is out: say what happened in-band, then end the stream cleanly.
+            info.note = f"stream-error:{exc.code}"
+            log.warning("upstream failed mid-stream: %s (id=%s)", exc.message, info.request_id)
+            tail = error_event(exc)
+        finally:
+            await _close(response)
+        await send({"type": "http.response.body", "body": tail, "more_body": False})
+        return True
+
+
+async def _close(response: UpstreamResponse) -> None:
+    with anyio.CancelScope(shield=True):
+        await response.aclose()
