@@ -124,6 +124,9 @@ def run_streams(url: str, s: Scenario, duration: float) -> dict:
     ]
     if s.once:
         args.append("--once")
+    elif s.token_delay:
+        # Steady arrivals: worker i starts i/N of one stream's length late.
+        args += ["--stagger", str(s.tokens * s.token_delay)]
     out = subprocess.run(args, capture_output=True, text=True, check=True, cwd=procs.ROOT)
     r = json.loads(out.stdout)
     r["requests"] = r["streams"]
@@ -200,7 +203,10 @@ def render(results: dict, paths: list[str], args: argparse.Namespace, meta: dict
         "",
         "CPU ms/req = utime+stime of all the proxy's processes (from /proc, before and after "
         "the run) / requests. Added TTFT = path's TTFT − direct TTFT in the same repetition. "
-        "Gap = time between consecutive reads holding SSE events (client side).",
+        "Gap = time between consecutive reads holding SSE events (client side). In (c) the "
+        "workers' first requests are spread evenly over one stream's length (1.28 s), so "
+        "streams arrive steadily rather than all 64 in one burst; (b) and (d) start all at once. "
+        "In (d) the RSS per open stream is (peak − idle) / 500.",
         "",
     ]
     for s in SCENARIOS:
@@ -338,6 +344,11 @@ def main() -> None:
         paths = list(servers)
         with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
             f.write(WRK_LUA)
+        # Warm-up (not recorded): imports, pools and caches in every server.
+        for server in servers.values():
+            url = server.url if server else sim.url
+            run_wrk(url, 8, 1, f.name)
+            run_streams(url, Scenario("warm", "", "stream", 64, 0.005, 32), 1)
         raw: dict[str, dict[str, list[dict]]] = {}
         for s in scenarios:
             raw[s.key] = {p: [] for p in paths}

@@ -113,7 +113,16 @@ async def one_stream(reader, writer, request: bytes, stats: Stats) -> bool:  # t
     return True
 
 
-async def worker(url: str, tokens: int, delay: float, deadline: float, once: bool, stats: Stats):  # type: ignore[no-untyped-def]
+async def worker(
+    url: str,
+    tokens: int,
+    delay: float,
+    deadline: float,
+    once: bool,
+    stats: Stats,
+    start_after: float = 0.0,
+):  # type: ignore[no-untyped-def]
+    await asyncio.sleep(start_after)
     parts = urlsplit(url)
     request = request_bytes(parts.netloc, "/v1/completions", tokens, delay)
     writer = None
@@ -149,8 +158,16 @@ async def run(args: argparse.Namespace) -> dict:
     deadline = start + args.duration
     await asyncio.gather(
         *(
-            worker(args.url, args.tokens, args.token_delay, deadline, args.once, stats)
-            for _ in range(args.concurrency)
+            worker(
+                args.url,
+                args.tokens,
+                args.token_delay,
+                deadline,
+                args.once,
+                stats,
+                i * args.stagger / args.concurrency,
+            )
+            for i in range(args.concurrency)
         )
     )
     wall = time.perf_counter() - start
@@ -176,6 +193,13 @@ def main() -> None:
     p.add_argument("--duration", type=float, default=4.0)
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--token-delay", type=float, default=0.0)
+    p.add_argument(
+        "--stagger",
+        type=float,
+        default=0.0,
+        help="spread the workers' first requests evenly over this many seconds (steady arrivals "
+        "instead of all streams starting, and ending, in one burst)",
+    )
     p.add_argument("--once", action="store_true", help="one stream per worker, then stop")
     args = p.parse_args()
     try:
