@@ -206,7 +206,9 @@ def render(results: dict, paths: list[str], args: argparse.Namespace, meta: dict
         "Gap = time between consecutive reads holding SSE events (client side). In (c) the "
         "workers' first requests are spread evenly over one stream's length (1.28 s), so "
         "streams arrive steadily rather than all 64 in one burst; (b) and (d) start all at once. "
-        "In (d) the RSS per open stream is (peak − idle) / 500.",
+        "In (d) the RSS per open stream is (median peak − idle before the first repetition) / 500. "
+        "In (b) the upstream sends tokens back to back, so the gap column measures how the "
+        "proxy batches them under CPU pressure, not token spacing.",
         "",
     ]
     for s in SCENARIOS:
@@ -330,10 +332,10 @@ def main() -> None:
     scenarios = [s for s in SCENARIOS if not only or s.key in only]
     started = time.monotonic()
     meta = {
-        "command": "python -m bench.run " + " ".join(sys.argv[1:]),
+        "command": " ".join(["python -m bench.run", *sys.argv[1:]]),
         "machine": machine(),
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
-        "load_before": " ".join(os.getloadavg().__repr__().strip("()").split(", ")[:1]),
+        "load_before": f"{os.getloadavg()[0]:.2f}",
     }
     sim = procs.sim(128).start("/health")
     servers: dict[str, procs.Server | None] = {"direct": None}
@@ -404,6 +406,8 @@ def summarize(raw: dict, paths: list[str]) -> dict:
                     ]
                 )
             m["errors"] = sum(r["errors"] for r in runs)  # all repetitions, not a median
+            # RSS rarely goes back to the OS: the first repetition's idle is the baseline.
+            m["rss_idle"] = min(r["rss_idle"] for r in runs)
             results[key][p] = m
         ng = results[key]["nginx"]["cpu_ms_per_req"]
         for p in paths:
