@@ -25,9 +25,10 @@ SCOPE_KEY = "vllm_wrapper.request"
 class RequestInfo:
     """What handlers record about a request for its log line."""
 
-    __slots__ = ("attempts", "note", "request_id", "upstream_ms")
+    __slots__ = ("attempts", "note", "request_id", "started", "upstream_ms")
 
     def __init__(self, request_id: bytes) -> None:
+        self.started = time.perf_counter()
         self.request_id = request_id
         self.upstream_ms: float | None = None
         self.attempts = 0

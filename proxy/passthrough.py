@@ -22,7 +22,12 @@ from proxy.asgi import Receive, Scope, Send, route_path
 from proxy.body import ClientDisconnected, read_body, wait_disconnect
 from proxy.config import Settings
 from proxy.errors import BadRequest, ClientError, Forbidden, UpstreamError
-from proxy.headers import client_response_headers, upstream_request_headers
+from proxy.headers import (
+    HeaderList,
+    client_response_headers,
+    get_header,
+    upstream_request_headers,
+)
 from proxy.retry import RetryPolicy, send_with_retry
 from proxy.upstream import Upstream, UpstreamResponse
 
@@ -117,13 +122,12 @@ class Relay:
         except UpstreamError as exc:
             await exc.send(send)
             return True
+        headers = client_response_headers(response.headers)
+        if not is_event_stream(headers):
+            headers.append(server_timing(info, time.perf_counter()))
         try:
             await send(
-                {
-                    "type": "http.response.start",
-                    "status": response.status,
-                    "headers": client_response_headers(response.headers),
-                }
+                {"type": "http.response.start", "status": response.status, "headers": headers}
             )
             async for chunk in response.chunks():
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
@@ -138,6 +142,18 @@ class Relay:
         finally:
             with anyio.CancelScope(shield=True):
                 await response.aclose()
+
+
+def is_event_stream(headers: HeaderList) -> bool:
+    content_type = get_header(headers, b"content-type")
+    return content_type is not None and content_type.startswith(b"text/event-stream")
+
+
+def server_timing(info: RequestInfo, now: float) -> tuple[bytes, bytes]:
+    """``Server-Timing: gateway;dur=MS``: time in the gateway up to the response headers,
+    minus the time spent waiting on the upstream (attempts and back-off included)."""
+    own = (now - info.started) * 1000 - (info.upstream_ms or 0.0)
+    return b"server-timing", b"gateway;dur=%.3f" % max(own, 0.0)
 
 
 class Passthrough:

@@ -1,8 +1,13 @@
-"""The upstream vLLM server: one pooled HTTP client, and the one place httpx errors are mapped.
+"""The upstream vLLM server: one pooled HTTP client, and the one place its errors are mapped.
+
+The client is aiohttp's: its connection pool hands out a connection in
+constant time and its HTTP parser is in C, where httpx/httpcore scan every
+pooled connection (with a ``select`` on each socket) per request and parse in
+pure Python; bench/RESULTS.md has the measurements that decided it.
 
 ``Upstream`` is an async context manager so it works both in the app's
 lifespan and in a host app that mounts the gateway (Starlette does not send
-lifespan events to mounted apps).
+lifespan events to mounted apps). It needs an asyncio event loop.
 """
 
 from __future__ import annotations
@@ -12,7 +17,8 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from types import TracebackType
 
-import httpx
+import aiohttp
+from yarl import URL
 
 from proxy.config import Settings
 from proxy.errors import (
@@ -27,30 +33,37 @@ from proxy.headers import HeaderList
 
 log = logging.getLogger(__name__)
 
+# Headers aiohttp would add on its own; the relay forwards the client's instead.
+_SKIP_AUTO = frozenset({"Accept", "Accept-Encoding", "User-Agent", "Content-Type"})
+
 
 @contextmanager
 def mapped_errors(phase: str) -> Iterator[None]:
-    """Translate httpx exceptions into :class:`UpstreamError` (the only such place)."""
+    """Translate client exceptions into :class:`UpstreamError` (the only such place)."""
     try:
         yield
-    except httpx.ConnectTimeout as exc:
+    except aiohttp.ConnectionTimeoutError as exc:
         raise UpstreamConnectTimeout(f"upstream connect timeout during {phase}") from exc
-    except httpx.PoolTimeout as exc:
+    except PoolFull as exc:
         raise PoolExhausted(f"no free upstream connection during {phase}") from exc
-    except httpx.TimeoutException as exc:  # read / write timeout
+    except (TimeoutError, aiohttp.ServerTimeoutError) as exc:  # read timeout
         raise UpstreamTimeout(f"upstream timed out during {phase} ({type(exc).__name__})") from exc
-    except httpx.ConnectError as exc:
+    except aiohttp.ClientConnectorError as exc:
         raise UpstreamUnavailable(f"cannot connect to upstream during {phase}: {exc}") from exc
-    except httpx.RemoteProtocolError as exc:
+    except aiohttp.ServerDisconnectedError as exc:
         # A peer that closes a pooled connection as we reuse it: safe to retry before any
         # response byte. After the response started this is a cut stream (not retried).
         raise UpstreamUnavailable(f"upstream closed the connection during {phase}") from exc
-    except (httpx.ReadError, httpx.WriteError, httpx.CloseError) as exc:
+    except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
         raise UpstreamUnavailable(f"upstream connection broke during {phase}: {exc}") from exc
-    except httpx.DecodingError as exc:
-        raise UpstreamProtocolError(f"upstream sent an undecodable response: {exc}") from exc
-    except httpx.HTTPError as exc:
+    except aiohttp.ClientResponseError as exc:  # unparsable status line or headers
+        raise UpstreamProtocolError(f"upstream sent an invalid response: {exc.message}") from exc
+    except aiohttp.ClientError as exc:
         raise UpstreamError(f"upstream error during {phase}: {exc}") from exc
+
+
+class PoolFull(Exception):
+    """No pooled connection came free within the timeout."""
 
 
 class UpstreamResponse:
@@ -58,43 +71,48 @@ class UpstreamResponse:
 
     __slots__ = ("_response", "headers", "status")
 
-    def __init__(self, response: httpx.Response) -> None:
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
         self._response = response
-        self.status = response.status_code
-        self.headers: HeaderList = [(k.lower(), v) for k, v in response.headers.raw]
+        self.status = response.status
+        self.headers: HeaderList = [(k.lower(), v) for k, v in response.raw_headers]
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        """Body bytes exactly as received (no decoding); errors mapped to UpstreamError."""
+        """Body bytes as received (no decoding, no re-chunking); errors mapped to UpstreamError."""
+        content = self._response.content
         with mapped_errors("response body"):
-            async for chunk in self._response.aiter_raw():
-                if chunk:
-                    yield chunk
+            while True:
+                chunk = await content.readany()
+                if not chunk:
+                    return
+                yield chunk
 
     async def read(self) -> bytes:
         parts = [c async for c in self.chunks()]
         return b"".join(parts)
 
     async def aclose(self) -> None:
-        await self._response.aclose()
+        response = self._response
+        if response.content.at_eof():
+            response.release()  # back to the pool
+        else:
+            response.close()  # unread body: the connection cannot be reused; vLLM aborts
 
 
 class Upstream:
     """Owns the pooled client for one upstream base URL."""
 
-    def __init__(self, settings: Settings, transport: httpx.AsyncBaseTransport | None = None):
+    def __init__(self, settings: Settings) -> None:
         self.base_url = settings.base_url.rstrip("/")
         self._api_key = settings.api_key
         t = settings.timeout
-        self._timeout = httpx.Timeout(connect=t, read=t, write=t, pool=t)
-        self._timeout_ext = {"timeout": self._timeout.as_dict()}
-        self._probe_ext = {"timeout": httpx.Timeout(settings.health_timeout).as_dict()}
-        self._limits = httpx.Limits(
-            max_connections=settings.max_connections,
-            max_keepalive_connections=settings.max_connections,
-            keepalive_expiry=settings.keepalive_expiry,
-        )
-        self._transport = transport
-        self._client: httpx.AsyncClient | None = None
+        # sock_read is the idle time between two reads (also waiting for the headers),
+        # not a cap on a long stream; connect includes waiting for a pooled connection.
+        self._timeout = aiohttp.ClientTimeout(total=None, connect=t, sock_connect=t, sock_read=t)
+        h = settings.health_timeout
+        self._probe_timeout = aiohttp.ClientTimeout(total=h, connect=h, sock_read=h)
+        self._max_connections = settings.max_connections
+        self._keepalive = settings.keepalive_expiry
+        self._client: aiohttp.ClientSession | None = None
         self._users = 0
 
     @property
@@ -103,19 +121,27 @@ class Upstream:
         return self._client is not None
 
     @property
-    def client(self) -> httpx.AsyncClient:
+    def client(self) -> aiohttp.ClientSession:
         if self._client is None:
             # Mounted without its lifespan: open lazily rather than fail every request.
             log.warning("upstream client opened outside the lifespan (see README, 'Mounting')")
             self._client = self._new_client()
         return self._client
 
-    def _new_client(self) -> httpx.AsyncClient:
-        return httpx.AsyncClient(
+    def _new_client(self) -> aiohttp.ClientSession:
+        connector = aiohttp.TCPConnector(
+            limit=self._max_connections,
+            limit_per_host=0,
+            keepalive_timeout=self._keepalive or None,
+            force_close=self._keepalive == 0,
+            ttl_dns_cache=10,
+        )
+        return aiohttp.ClientSession(
+            connector=connector,
             timeout=self._timeout,
-            limits=self._limits,
-            transport=self._transport,
-            follow_redirects=False,
+            auto_decompress=False,  # relay the bytes as sent
+            skip_auto_headers=_SKIP_AUTO,
+            cookie_jar=aiohttp.DummyCookieJar(),
             trust_env=False,
         )
 
@@ -136,39 +162,53 @@ class Upstream:
         if self._users <= 0 and self._client is not None:
             client, self._client = self._client, None
             self._users = 0
-            await client.aclose()
+            await client.close()
 
     def url(self, path: str, query: bytes = b"") -> str:
-        """``path`` is relative to the base URL (``/chat/completions``)."""
+        """``path`` is relative to the base URL (``/chat/completions``), already %-quoted."""
         url = self.base_url + path
         if query:
             url += "?" + query.decode("latin-1")
         return url
 
+    def _pool_full(self) -> bool:
+        connector = self.client.connector
+        acquired = getattr(connector, "_acquired", None)  # aiohttp keeps no public count
+        return acquired is not None and len(acquired) >= self._max_connections
+
     async def send(
         self, method: str, url: str, headers: HeaderList, body: bytes
     ) -> UpstreamResponse:
         """Send one request; return once the response headers are in. Body not yet read."""
-        # httpx.Request directly (not client.build_request) so the client's default
-        # headers (accept-encoding, user-agent...) are not added to the client's own.
-        # The timeout travels in the request's extensions (build_request would set it).
-        request = httpx.Request(
-            method, url, headers=headers, content=body, extensions=self._timeout_ext
-        )
+        str_headers = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in headers]
         with mapped_errors("request"):
-            response = await self.client.send(request, stream=True)
+            try:
+                response = await self.client.request(
+                    method,
+                    URL(url, encoded=True),  # the relay quoted the path already
+                    headers=str_headers,
+                    data=body or None,
+                    allow_redirects=False,
+                )
+            except aiohttp.ConnectionTimeoutError:
+                if self._pool_full():
+                    raise PoolFull from None
+                raise
         return UpstreamResponse(response)
 
     async def probe(self) -> tuple[bool, str]:
         """Quick availability check: ``GET {base}/models`` with the short health timeout."""
-        headers = [(b"authorization", b"Bearer " + self._api_key.encode())] if self._api_key else []
-        request = httpx.Request(
-            "GET", self.url("/models"), headers=headers, extensions=self._probe_ext
-        )
+        headers = {"authorization": "Bearer " + self._api_key} if self._api_key else {}
         try:
-            response = await self.client.send(request)
-        except httpx.HTTPError as exc:
+            async with self.client.get(
+                URL(self.url("/models"), encoded=True),
+                headers=headers,
+                timeout=self._probe_timeout,
+                allow_redirects=False,
+            ) as response:
+                status = response.status
+        except (TimeoutError, aiohttp.ClientError) as exc:
             return False, f"{type(exc).__name__}: {exc}".rstrip(": ")
-        if response.status_code == 200:
+        if status == 200:
             return True, "ok"
-        return False, f"upstream answered {response.status_code}"
+        return False, f"upstream answered {status}"

@@ -77,6 +77,29 @@ def test_non_streaming_body_and_headers_pass_through(
     assert len(via.headers.get_list("server")) == 1  # ours only, not the upstream's too
 
 
+def _gateway_ms(response: httpx.Response) -> float:
+    (value,) = response.headers.get_list("server-timing")
+    m = re.fullmatch(r"gateway;dur=(\d+\.\d+)", value)
+    assert m, value
+    return float(m.group(1))
+
+
+def test_server_timing_gives_the_gateway_time_without_the_upstream_wait(
+    gateway: ServerProcess, clean_sim: Sim
+) -> None:
+    assert _gateway_ms(httpx.post(gateway.url + "/v1/chat/completions", json=CHAT, timeout=30)) >= 0
+    # The upstream holds the answer for 1 s: the request takes that long, the gateway's own
+    # share does not include it.
+    headers = {"x-sim-first-byte-delay": "1"}
+    r = httpx.post(gateway.url + "/v1/chat/completions", json=CHAT, headers=headers, timeout=30)
+    assert r.status_code == 200
+    assert r.elapsed.total_seconds() >= 1.0
+    assert _gateway_ms(r) < 1000
+    # A stream's header goes out before the body, so it carries no Server-Timing.
+    response, _ = _raw_stream(gateway.url + "/v1/chat/completions", dict(CHAT, stream=True))
+    assert "server-timing" not in response.headers
+
+
 def test_chunks_arrive_incrementally(gateway: ServerProcess, clean_sim: Sim) -> None:
     """The first chunk reaches the client while the upstream is still generating."""
     body = dict(CHAT, stream=True, max_tokens=20)

@@ -1,0 +1,229 @@
+"""The three servers of the benchmark, and what /proc says about their processes.
+
+Each server is a process group started on a free loopback port; ``cpu_seconds``
+and ``rss_bytes`` sum over the group leader and all its descendants (uvicorn's
+worker processes, nginx's worker).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+_TICK = os.sysconf("SC_CLK_TCK")
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _children() -> dict[int, list[int]]:
+    kids: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        kids.setdefault(ppid, []).append(int(entry))
+    return kids
+
+
+def tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants."""
+    kids = _children()
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(kids.get(p, ()))
+    return out
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """utime + stime of ``pids`` (whole processes, all threads), in seconds."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # stat fields 14 and 15
+    return total / _TICK
+
+
+def rss_bytes(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        try:
+            total += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * _PAGE
+        except OSError:
+            continue
+    return total
+
+
+class RssPeak:
+    """Samples the summed RSS of a process tree every ``interval`` s in a thread."""
+
+    def __init__(self, pids: list[int], interval: float = 0.05) -> None:
+        self.pids = pids
+        self.interval = interval
+        self.peak = rss_bytes(pids)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, rss_bytes(self.pids))
+
+    def __enter__(self) -> RssPeak:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_bytes(self.pids))
+
+
+class Server:
+    """A process group serving HTTP on 127.0.0.1:``port``."""
+
+    def __init__(self, name: str, args: list[str], port: int, env: dict[str, str] | None = None):
+        self.name = name
+        self.args = args
+        self.port = port
+        self.env = {**os.environ, **(env or {})}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = tempfile.NamedTemporaryFile(prefix=f"bench-{name}-", suffix=".log", delete=False)  # noqa: SIM115
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def pids(self) -> list[int]:
+        assert self.proc is not None
+        return tree(self.proc.pid)
+
+    def start(self, ready_path: str, workers: int = 1) -> Server:
+        self.proc = subprocess.Popen(
+            self.args,
+            cwd=ROOT,
+            env=self.env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited: {Path(self.log.name).read_text()[-2000:]}")
+            try:
+                ok = httpx.get(self.url + ready_path, timeout=1).status_code < 500
+                # uvicorn --workers: wait until every worker has started, too
+                if ok and (workers == 1 or len(self.pids()) > workers):
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"{self.name} not ready: {Path(self.log.name).read_text()[-2000:]}")
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(5)
+
+
+def sim(tokens: int) -> Server:
+    port = free_port()
+    args = [sys.executable, "-m", "proxy.sim", "--port", str(port), "--tokens", str(tokens)]
+    return Server("sim", [*args, "--log-level", "warning"], port)
+
+
+def gateway(upstream: str, workers: int) -> Server:
+    port = free_port()
+    env = {
+        "VLLM_BASE_URL": upstream + "/v1",
+        "VLLM_WRAPPER_API_KEY": "",
+        "VLLM_WRAPPER_ACCESS_LOG": "false",  # as nginx's access_log off
+        "VLLM_WRAPPER_LOG_LEVEL": "warning",
+    }
+    args = [sys.executable, "-m", "proxy", "--host", "127.0.0.1", "--port", str(port)]
+    args += ["--env-file", "", "--workers", str(workers)]
+    return Server(f"gateway-w{workers}", args, port, env)
+
+
+NGINX_CONF = """\
+worker_processes 1;
+worker_rlimit_nofile 16384;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+events {{ worker_connections 8192; }}
+http {{
+    access_log off;
+    client_body_temp_path {prefix}/body;
+    proxy_temp_path {prefix}/proxy;
+    fastcgi_temp_path {prefix}/fastcgi;
+    uwsgi_temp_path {prefix}/uwsgi;
+    scgi_temp_path {prefix}/scgi;
+    upstream sim {{
+        server 127.0.0.1:{upstream_port};
+        keepalive 256;
+    }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://sim;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+            proxy_read_timeout 120s;
+        }}
+    }}
+}}
+"""
+
+
+def nginx(upstream_port: int) -> Server:
+    """Debian's nginx as a plain reverse proxy, 1 worker, in the foreground, unprivileged."""
+    exe = shutil.which("nginx") or "/usr/sbin/nginx"
+    prefix = tempfile.mkdtemp(prefix="bench-nginx-")
+    os.chmod(prefix, 0o777)
+    port = free_port()
+    conf = Path(prefix) / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(prefix=prefix, port=port, upstream_port=upstream_port))
+    args = [exe, "-c", str(conf), "-p", prefix, "-e", f"{prefix}/error.log", "-g", "daemon off;"]
+    if os.geteuid() == 0:
+        args = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", *args]
+    return Server("nginx", args, port)
+
+
+def missing_tools() -> list[str]:
+    return [
+        t
+        for t in ("nginx", "wrk")
+        if shutil.which(t) is None and not Path(f"/usr/sbin/{t}").exists()
+    ]
