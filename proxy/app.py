@@ -23,6 +23,7 @@ from proxy.accesslog import AccessLogMiddleware
 from proxy.auth import BearerAuthMiddleware
 from proxy.config import Settings
 from proxy.errors import error_body
+from proxy.exposure import Exposure
 from proxy.health import Health, Models
 from proxy.passthrough import Passthrough, Relay
 from proxy.retry import RetryPolicy
@@ -64,11 +65,14 @@ def create_app(settings: Settings | None = None) -> Starlette:
         settings = Settings.from_env()
     upstream = Upstream(settings)
     relay = Relay(upstream, RetryPolicy.from_settings(settings), settings)
+    exposure = Exposure(
+        settings.extra_paths, proxy_all=settings.proxy_all, allow_admin=settings.allow_admin
+    )
 
     routes = [
         Route("/health", Health(upstream, settings)),
         Route("/models", Models(relay)),
-        Route("/v1/{path:path}", Passthrough(relay, allow_admin=settings.allow_admin)),
+        Route("/v1/{path:path}", Passthrough(relay, exposure)),
     ]
 
     middleware = [Middleware(AccessLogMiddleware, enabled=settings.access_log)]
