@@ -68,11 +68,13 @@ def create_app(settings: Settings | None = None) -> Starlette:
     exposure = Exposure(
         settings.extra_paths, proxy_all=settings.proxy_all, allow_admin=settings.allow_admin
     )
+    passthrough = Passthrough(relay, exposure)
 
     routes = [
         Route("/health", Health(upstream, settings)),
         Route("/models", Models(relay)),
-        Route("/v1/{path:path}", Passthrough(relay, exposure)),
+        Route("/v1/{path:path}", passthrough),
+        Route("/v1", passthrough),  # a 404 of ours, not Starlette's redirect to /v1/
     ]
 
     middleware = [Middleware(AccessLogMiddleware, enabled=settings.access_log)]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from proxy.errors import BadRequest, ClientError, Forbidden, NotFound
+from proxy.errors import BadRequest, ClientError, Forbidden, MethodNotAllowed, NotFound
 
 INFERENCE_PATHS: tuple[str, ...] = (
     "/chat/completions",
@@ -33,6 +33,11 @@ INFERENCE_PATHS: tuple[str, ...] = (
     "/audio/transcriptions",
     "/audio/translations",
 )
+
+# What OpenAI-style clients send; TRACE, CONNECT, PUT, PATCH, WebDAV... are never relayed
+# unless VLLM_WRAPPER_PROXY_ALL is set.
+METHODS = frozenset({"GET", "HEAD", "POST", "DELETE", "OPTIONS"})
+_ALLOW = ", ".join(sorted(METHODS)).encode()
 
 # vLLM's administrative endpoints under /v1: off unless VLLM_WRAPPER_ALLOW_ADMIN.
 ADMIN_PATHS = frozenset({"/load_lora_adapter", "/unload_lora_adapter"})
@@ -75,8 +80,8 @@ class Exposure:
             for w in self._wild
         )
 
-    def check(self, sub: str) -> ClientError | None:
-        """None when ``sub`` may be relayed, else the error to answer with."""
+    def check(self, method: str, sub: str) -> ClientError | None:
+        """None when ``method`` on ``sub`` may be relayed, else the error to answer with."""
         segments = sub.split("/")
         if ".." in segments or "." in segments:
             return BadRequest("path must not contain '.' or '..' segments")
@@ -87,7 +92,13 @@ class Exposure:
                 f"{self.prefix}{sub} is an administrative endpoint and is disabled on this "
                 "gateway (set VLLM_WRAPPER_ALLOW_ADMIN=true to enable it)"
             )
-        if self.proxy_all or self.allows(sub):
+        if self.proxy_all:
+            return None
+        if method not in METHODS:
+            return MethodNotAllowed(
+                f"method {method} is not relayed by this gateway", headers=[(b"allow", _ALLOW)]
+            )
+        if self.allows(sub):
             return None
         return NotFound(
             f"{self.prefix}{sub} is not exposed by this gateway (VLLM_WRAPPER_EXTRA_PATHS or "

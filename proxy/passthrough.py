@@ -19,11 +19,11 @@ import anyio
 
 from proxy.accesslog import RequestInfo, request_info
 from proxy.asgi import Receive, Scope, Send, route_path
-from proxy.body import ClientDisconnected, read_body, wait_disconnect
+from proxy.body import ClientDisconnected, check_head, read_body, wait_disconnect
 from proxy.config import Settings
-from proxy.errors import ClientError, HeadersTooLarge, UpstreamError
+from proxy.errors import ClientError, UpstreamError
 from proxy.exposure import Exposure
-from proxy.headers import client_response_headers, headers_size, upstream_request_headers
+from proxy.headers import client_response_headers, upstream_request_headers
 from proxy.retry import RetryPolicy, send_with_retry
 from proxy.upstream import Upstream, UpstreamResponse
 
@@ -48,11 +48,7 @@ class Relay:
     ) -> None:
         info = request_info(scope)
         try:
-            if headers_size(scope["headers"]) > self.max_header_bytes:
-                # uvicorn's httptools parser has no limit of its own; never relay such a request.
-                raise HeadersTooLarge(
-                    f"request headers are larger than the limit of {self.max_header_bytes} bytes"
-                )
+            check_head(scope, limit=self.max_header_bytes)
             body = await read_body(scope, receive, limit=self.max_body, timeout=self.body_timeout)
         except ClientError as exc:
             await exc.send(send)
@@ -132,7 +128,7 @@ class Passthrough:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         sub = route_path(scope)[len(self.prefix) :]
-        problem = self.exposure.check(sub)
+        problem = self.exposure.check(scope["method"], sub)
         if problem is not None:
             await problem.send(send)
             return
