@@ -5,12 +5,25 @@ from __future__ import annotations
 import anyio
 
 from proxy.asgi import Receive, Scope
-from proxy.errors import BadRequest, PayloadTooLarge, RequestTimeout
-from proxy.headers import get_all
+from proxy.errors import BadRequest, HeadersTooLarge, PayloadTooLarge, RequestTimeout, URITooLong
+from proxy.headers import get_all, headers_size
 
 
 class ClientDisconnected(Exception):
     """The client went away (a normal outcome, logged at debug level)."""
+
+
+def check_head(scope: Scope, *, limit: int) -> None:
+    """Refuse a request whose headers (431) or target (414) exceed ``limit`` bytes.
+
+    uvicorn's httptools parser sets no limit of its own, so this keeps such a
+    request from being relayed (or its headers held for the whole retry loop).
+    """
+    if headers_size(scope["headers"]) > limit:
+        raise HeadersTooLarge(f"request headers are larger than the limit of {limit} bytes")
+    target = len(scope.get("raw_path") or b"") + len(scope.get("query_string", b""))
+    if target > limit:
+        raise URITooLong(f"request target is longer than the limit of {limit} bytes")
 
 
 async def read_body(scope: Scope, receive: Receive, *, limit: int, timeout: float) -> bytes:

@@ -39,6 +39,7 @@ class Settings:
     # VLLM_WRAPPER_* additions (README lists them)
     cors_origins: tuple[str, ...] = ()
     max_body_bytes: int = 16 * 1024 * 1024
+    max_header_bytes: int = 64 * 1024
     body_timeout: float = 30.0
     health_timeout: float = 2.0
     retry_backoff: float = 0.25
@@ -49,6 +50,8 @@ class Settings:
     log_level: str = "info"
     access_log: bool = True
     allow_admin: bool = False
+    extra_paths: tuple[str, ...] = ()
+    proxy_all: bool = False
     graceful_timeout: float = 30.0
     demo: bool = False
     docs: bool = True
@@ -214,6 +217,14 @@ def _csv(raw: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in raw.split(",") if part.strip())
 
 
+def _paths(raw: str) -> tuple[str, ...]:
+    paths = _csv(raw)
+    for p in paths:
+        if not p.startswith("/") or any(s in (".", "..") for s in p.split("/")):
+            raise ValueError(f"expected paths under /v1 starting with '/', got {p!r}")
+    return paths
+
+
 def _log_level(raw: str) -> str:
     low = raw.lower()
     if low not in ("critical", "error", "warning", "info", "debug", "trace"):
@@ -241,6 +252,7 @@ ENV_VARS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "VLLM_TIMEOUT": ("timeout", _float_range(0.0, open_lo=True)),
     "VLLM_WRAPPER_CORS_ORIGINS": ("cors_origins", _csv),
     "VLLM_WRAPPER_MAX_BODY_BYTES": ("max_body_bytes", _int_range(1)),
+    "VLLM_WRAPPER_MAX_HEADER_BYTES": ("max_header_bytes", _int_range(1024)),
     "VLLM_WRAPPER_BODY_TIMEOUT": ("body_timeout", _float_range(0.0, open_lo=True)),
     "VLLM_WRAPPER_HEALTH_TIMEOUT": ("health_timeout", _float_range(0.0, open_lo=True)),
     "VLLM_WRAPPER_RETRY_BACKOFF": ("retry_backoff", _float_range(0.0)),
@@ -251,6 +263,8 @@ ENV_VARS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "VLLM_WRAPPER_LOG_LEVEL": ("log_level", _log_level),
     "VLLM_WRAPPER_ACCESS_LOG": ("access_log", _bool),
     "VLLM_WRAPPER_ALLOW_ADMIN": ("allow_admin", _bool),
+    "VLLM_WRAPPER_EXTRA_PATHS": ("extra_paths", _paths),
+    "VLLM_WRAPPER_PROXY_ALL": ("proxy_all", _bool),
     "VLLM_WRAPPER_GRACEFUL_TIMEOUT": ("graceful_timeout", _float_range(0.0)),
     "VLLM_WRAPPER_DEMO": ("demo", _bool),
     "VLLM_WRAPPER_DOCS": ("docs", _bool),

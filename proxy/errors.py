@@ -9,7 +9,9 @@
     │   ├── Forbidden               403   permission_error
     │   ├── NotFound                404
     │   ├── RequestTimeout          408   (request body too slow)
-    │   └── PayloadTooLarge         413
+    │   ├── PayloadTooLarge         413
+    │   ├── URITooLong              414
+    │   └── HeadersTooLarge         431
     └── UpstreamError               5xx   (the upstream failed us; raised by proxy.upstream)
         ├── UpstreamUnavailable     503   connection refused/reset, or 502/503/429 after retries
         │   └── PoolExhausted       503   no free upstream connection in time
@@ -98,6 +100,16 @@ class RequestTimeout(ClientError):
 class PayloadTooLarge(ClientError):
     status = 413
     code = "payload_too_large"
+
+
+class URITooLong(ClientError):
+    status = 414
+    code = "uri_too_long"
+
+
+class HeadersTooLarge(ClientError):
+    status = 431
+    code = "request_headers_too_large"
 
 
 class UpstreamError(GatewayError):

@@ -30,6 +30,7 @@ from proxy.chat import Chat
 from proxy.config import Settings
 from proxy.docs import ASSET_PREFIX, PUBLIC_PATHS, Docs
 from proxy.errors import error_body
+from proxy.exposure import Exposure
 from proxy.health import Health, Models
 from proxy.inflight import InFlight, InFlightMiddleware
 from proxy.passthrough import Passthrough, Relay
@@ -89,12 +90,17 @@ def create_app(settings: Settings | None = None) -> Starlette:
         settings = Settings.from_env()
     upstream = Upstream(settings)
     relay = Relay(upstream, RetryPolicy.from_settings(settings), settings)
+    exposure = Exposure(
+        settings.extra_paths, proxy_all=settings.proxy_all, allow_admin=settings.allow_admin
+    )
+    passthrough = Passthrough(relay, exposure)
 
     routes = [
         Route("/health", Health(upstream, settings)),
         Route("/models", Models(relay)),
         Route("/chat", Chat(relay, settings)),
-        Route("/v1/{path:path}", Passthrough(relay, allow_admin=settings.allow_admin)),
+        Route("/v1/{path:path}", passthrough),
+        Route("/v1", passthrough),  # a 404 of ours, not Starlette's redirect to /v1/
     ]
     public = ["/health"]
     if settings.docs:

@@ -88,3 +88,8 @@ def get_header(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes | N
 
 def get_all(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> list[bytes]:
     return [v for n, v in headers if n == name]
+
+
+def headers_size(headers: Iterable[tuple[bytes, bytes]]) -> int:
+    """Bytes of header names and values, as they would be relayed (``: `` and CRLF counted)."""
+    return sum(len(n) + len(v) + 4 for n, v in headers)

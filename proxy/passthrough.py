@@ -19,9 +19,10 @@ import anyio
 
 from proxy.accesslog import RequestInfo, request_info
 from proxy.asgi import Receive, Scope, Send, route_path
-from proxy.body import ClientDisconnected, read_body, wait_disconnect
+from proxy.body import ClientDisconnected, check_head, read_body, wait_disconnect
 from proxy.config import Settings
-from proxy.errors import BadRequest, ClientError, Forbidden, UpstreamError
+from proxy.errors import ClientError, UpstreamError
+from proxy.exposure import Exposure
 from proxy.headers import (
     HeaderList,
     client_response_headers,
@@ -33,8 +34,6 @@ from proxy.upstream import Upstream, UpstreamResponse
 
 log = logging.getLogger(__name__)
 
-# vLLM's administrative endpoints under /v1: off unless VLLM_WRAPPER_ALLOW_ADMIN.
-ADMIN_PATHS = frozenset({"/load_lora_adapter", "/unload_lora_adapter"})
 _PATH_SAFE = "/:@!$&'()*+,;=-._~"
 
 
@@ -47,6 +46,7 @@ class Relay:
         self.api_key = settings.api_key.encode()
         self.max_body = settings.max_body_bytes
         self.body_timeout = settings.body_timeout
+        self.max_header_bytes = settings.max_header_bytes
 
     async def __call__(
         self, scope: Scope, receive: Receive, send: Send, *, path: str, query: bytes = b""
@@ -72,6 +72,7 @@ class Relay:
     ) -> bytes | None:
         """The whole request body, or None after answering the client's error (413, 408...)."""
         try:
+            check_head(scope, limit=self.max_header_bytes)
             return await read_body(scope, receive, limit=self.max_body, timeout=self.body_timeout)
         except ClientError as exc:
             await exc.send(send)
@@ -159,22 +160,16 @@ def server_timing(info: RequestInfo, now: float) -> tuple[bytes, bytes]:
 class Passthrough:
     """ASGI app for ``/v1/{path}``: check the path, then relay it to ``{VLLM_BASE_URL}/{path}``."""
 
-    def __init__(self, relay: Relay, *, allow_admin: bool = False, prefix: str = "/v1") -> None:
+    def __init__(self, relay: Relay, exposure: Exposure, *, prefix: str = "/v1") -> None:
         self.relay = relay
-        self.allow_admin = allow_admin
+        self.exposure = exposure
         self.prefix = prefix
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         sub = route_path(scope)[len(self.prefix) :]
-        segments = sub.split("/")
-        if ".." in segments or "." in segments:
-            await BadRequest("path must not contain '.' or '..' segments").send(send)
-            return
-        if not self.allow_admin and sub.rstrip("/") in ADMIN_PATHS:
-            await Forbidden(
-                f"{self.prefix}{sub} is an administrative endpoint and is disabled on this "
-                "gateway (set VLLM_WRAPPER_ALLOW_ADMIN=true to enable it)"
-            ).send(send)
+        problem = self.exposure.check(scope["method"], sub)
+        if problem is not None:
+            await problem.send(send)
             return
         path = quote(sub, safe=_PATH_SAFE)
         await self.relay(scope, receive, send, path=path, query=scope["query_string"])

@@ -47,7 +47,9 @@ def mapped_errors(phase: str) -> Iterator[None]:
     except PoolFull as exc:
         raise PoolExhausted(f"no free upstream connection during {phase}") from exc
     except (TimeoutError, aiohttp.ServerTimeoutError) as exc:  # read timeout
-        raise UpstreamTimeout(f"upstream timed out during {phase} ({type(exc).__name__})") from exc
+        raise UpstreamTimeout(
+            f"upstream read timeout during {phase}: nothing received within VLLM_TIMEOUT"
+        ) from exc
     except aiohttp.ClientConnectorError as exc:
         raise UpstreamUnavailable(f"cannot connect to upstream during {phase}: {exc}") from exc
     except aiohttp.ServerDisconnectedError as exc:

@@ -126,7 +126,7 @@ def parse_body(content_type: str, body: bytes) -> dict[str, Any]:
     except orjson.JSONDecodeError:
         try:
             data = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
             pos = getattr(exc, "pos", getattr(exc, "start", 0))
             reason = getattr(exc, "msg", None) or getattr(exc, "reason", "invalid")
             raise validation_error(

@@ -209,8 +209,11 @@ def test_query_string_and_other_methods_are_relayed(gateway: ServerProcess, clea
     assert r.status_code == 200
     last = clean_sim.stats()["last_request"]
     assert last["path"].endswith("/v1/models")
+    before = clean_sim.stats()["requests"]
     r = httpx.get(gateway.url + "/v1/nope", timeout=10)
-    assert r.status_code == 404  # the upstream's answer, relayed
+    assert r.status_code == 404  # not on the allow-list: the gateway's answer, never forwarded
+    assert r.json()["error"]["code"] == "not_found"
+    assert clean_sim.stats()["requests"] == before
     r = httpx.get(gateway.url + "/v1/chat/completions", timeout=10)
     assert r.status_code == 405
 
