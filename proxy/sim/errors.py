@@ -75,7 +75,7 @@ def input_repr(value: Any) -> Any:
         return f"<dict of {len(value)} items>"
     if isinstance(value, list):
         return f"<list of {len(value)} items>"
-    return value
+    return value if isinstance(value, str) else str(value)
 
 
 def validation_error(errors: Sequence[dict[str, Any] | str]) -> SimError:

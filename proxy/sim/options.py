@@ -16,6 +16,8 @@ class SimOptions:
     ``tokens`` forces every generation to exactly ``min(tokens, max_tokens)``
     tokens (benchmarks); ``token_delay`` is the pause between two tokens and
     ``first_token_delay`` the pause before the first one (time to first token).
+    ``embeddings`` serves ``/v1/embeddings`` too; a real vLLM serving a generative
+    model has no such route (404 ``{"detail":"Not Found"}``), as with ``False``.
     """
 
     models: tuple[str, ...] = ("tiny-llama",)
@@ -28,6 +30,7 @@ class SimOptions:
     port: int = 8000
     log_level: str = "info"
     access_log: bool = False
+    embeddings: bool = True
 
     def __post_init__(self) -> None:
         if not self.models or any(not m for m in self.models):

@@ -158,8 +158,14 @@ def _err(kind: str, loc: str, msg: str, value: Any) -> dict[str, Any]:
     return {"type": kind, "loc": loc, "msg": msg, "input": input_repr(value)}
 
 
-def _coerce(kind: str, loc: str, value: Any) -> tuple[Any, dict[str, Any] | None]:
-    """pydantic's lax mode for the few types the simulator reads."""
+Error = dict[str, Any] | list[dict[str, Any]]
+
+
+def _coerce(kind: str, loc: str, value: Any) -> tuple[Any, Error | None]:
+    """pydantic's lax mode for the few types the simulator reads.
+
+    The error is one pydantic error, or a list of them for a union type.
+    """
     if value is None and kind != "messages":
         return None, None
     if kind == "int":
@@ -208,12 +214,19 @@ def _coerce(kind: str, loc: str, value: Any) -> tuple[Any, dict[str, Any] | None
         if isinstance(value, list):
             return value, None
         return None, _err("list_type", loc, "Input should be a valid list", value)
-    if kind == "stop":
+    if kind == "stop":  # str | list[str]: pydantic reports each branch of the union
         if isinstance(value, str):
             return [value], None
         if isinstance(value, list) and all(isinstance(s, str) for s in value):
             return value, None
-        return None, _err("string_type", loc, "Input should be a valid string", value)
+        errs = [_err("string_type", loc, "Input should be a valid string", value)]
+        if not isinstance(value, list):
+            return None, [*errs, _err("list_type", loc, "Input should be a valid list", value)]
+        return None, errs + [
+            _err("string_type", f"{loc}.{i}", "Input should be a valid string", s)
+            for i, s in enumerate(value)
+            if not isinstance(s, str)
+        ]
     if kind == "prompt":
         if isinstance(value, str):
             return value, None
@@ -224,6 +237,10 @@ def _coerce(kind: str, loc: str, value: Any) -> tuple[Any, dict[str, Any] | None
                 return value, None
             if all(isinstance(x, list) and all(isinstance(t, int) for t in x) for x in value):
                 return value, None
+        if not isinstance(value, list):  # list[int] | list[list[int]] | str | list[str]
+            listy = _err("list_type", loc, "Input should be a valid list", value)
+            stringy = _err("string_type", loc, "Input should be a valid string", value)
+            return None, [listy, listy, stringy, listy]
         return None, _err("string_type", loc, "Input should be a valid string", value)
     if kind == "messages":
         if not isinstance(value, list):
@@ -235,6 +252,15 @@ def _coerce(kind: str, loc: str, value: Any) -> tuple[Any, dict[str, Any] | None
                 )
             if not isinstance(m.get("role"), str):
                 return None, _err("missing", f"{loc}.{i}.role", "Field required", m)
+            content = m.get("content")
+            if content is not None and not isinstance(content, str | list):
+                # vLLM lists each message type of its union (22 errors); the first two
+                # (and so the error's param) are these.
+                at = f"{loc}.{i}.ChatCompletionDeveloperMessageParam.content"
+                return None, [
+                    _err("string_type", at, "Input should be a valid string", content),
+                    _err("iterable_type", at, "Input should be iterable", content),
+                ]
         return value, None
     raise AssertionError(kind)
 
@@ -251,7 +277,9 @@ def check_fields(
                 errors.append(_err("missing", f"body.{name}", "Field required", data))
             continue
         value, error = _coerce(kind, f"body.{name}", data[name])
-        if error is not None:
+        if isinstance(error, list):
+            errors.extend(error)
+        elif error is not None:
             errors.append(error)
         else:
             out[name] = value

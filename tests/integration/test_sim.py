@@ -16,7 +16,8 @@ import orjson
 import pytest
 
 from tests.support.servers import ServerProcess, sim_server
-from tests.unit.test_sim_wire import REFERENCE, load_transcript, skeleton
+from tests.support.wire import shape
+from tests.unit.test_sim_wire import REFERENCE, load_transcript
 
 KEY = "sk-test-123"
 ALIAS = "meta-llama/Llama-3.1-70B-Instruct"
@@ -144,8 +145,8 @@ def replay(server: ServerProcess, name: str) -> None:
         ours = [e[6:] for e in body.split(b"\n\n") if e]
         theirs = t.events()
         assert ours[-1] == b"[DONE]"
-        mine_shapes = [skeleton(orjson.loads(e)) for e in ours[:-1]]
-        their_shapes = [skeleton(orjson.loads(e)) for e in theirs[:-1]]
+        mine_shapes = [shape(orjson.loads(e)) for e in ours[:-1]]
+        their_shapes = [shape(orjson.loads(e)) for e in theirs[:-1]]
         if orjson.loads(t.request_body or b"{}").get("n", 1) > 1:
             # vLLM interleaves choices as they are generated: compare as multisets
             mine_shapes, their_shapes = (
@@ -159,7 +160,7 @@ def replay(server: ServerProcess, name: str) -> None:
         mine, theirs = orjson.loads(body), orjson.loads(t.body)
         if t.path == "/v1/models":  # the keyed server serves an extra alias
             mine["data"] = mine["data"][:1]
-        assert skeleton(mine) == skeleton(theirs)
+        assert shape(mine) == shape(theirs)
 
 
 @pytest.mark.parametrize("name", REPLAY)

@@ -5,13 +5,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import orjson
 import pytest
 
 from proxy.sim import wire
 from proxy.sim.generate import Plan
+from tests.support.wire import shape
 
 _ROOT = Path(__file__).resolve().parents[2]
 # A copy of shared/reference/vllm-wire (recorded from vLLM 0.32.0), kept in the repo so
@@ -71,23 +71,6 @@ def load_transcript(name: str) -> Transcript:
         headers=headers,
         body=rest.split("\n### curl exit", 1)[0].encode(),
     )
-
-
-def skeleton(value: Any) -> Any:
-    """Keys (in order) and value kinds; text, ids and numbers do not matter."""
-    if isinstance(value, dict):
-        return [(k, skeleton(v)) for k, v in value.items()]
-    if isinstance(value, list):
-        if value and all(not isinstance(v, dict | list) for v in value):
-            return "list-of-scalars"
-        return [skeleton(v) for v in value]
-    if value is None:
-        return None
-    if isinstance(value, bool):
-        return "bool"
-    if isinstance(value, int | float):
-        return "number"
-    return "str"
 
 
 def test_transcript_loader_reads_bodies_exactly() -> None:
@@ -153,7 +136,7 @@ def test_stream_framing_matches_transcript(name: str, chat: bool, include_usage:
     assert len(ours) == len(theirs)
     assert ours[-1] == theirs[-1] == b"[DONE]"
     for mine, recorded in zip(ours[:-1], theirs[:-1], strict=True):
-        assert skeleton(orjson.loads(mine)) == skeleton(orjson.loads(recorded))
+        assert shape(orjson.loads(mine)) == shape(orjson.loads(recorded))
 
 
 def test_stop_reason_string_in_finish_chunk() -> None:
@@ -161,7 +144,7 @@ def test_stop_reason_string_in_finish_chunk() -> None:
     mine = _framer(chat=True, include_usage=False).last(0, "", "stop", " export")
     assert mine.startswith(b"data: ") and mine.endswith(b"}\n\n")
     recorded = orjson.loads(t.events()[1])
-    assert skeleton(orjson.loads(mine[6:])) == skeleton(recorded)
+    assert shape(orjson.loads(mine[6:])) == shape(recorded)
     assert orjson.loads(mine[6:])["choices"][0]["stop_reason"] == " export"
 
 
@@ -187,7 +170,7 @@ def test_chat_body_matches_transcript(name: str) -> None:
         plans=[plan],
         prompt_tokens=11,
     )
-    assert skeleton(orjson.loads(body)) == skeleton(recorded)
+    assert shape(orjson.loads(body)) == shape(recorded)
 
 
 def test_chat_logprobs_body_matches_transcript() -> None:
@@ -202,7 +185,7 @@ def test_chat_logprobs_body_matches_transcript() -> None:
         logprobs=True,
         top_logprobs=2,
     )
-    assert skeleton(orjson.loads(body)) == skeleton(recorded)
+    assert shape(orjson.loads(body)) == shape(recorded)
 
 
 def test_completion_body_matches_transcript() -> None:
@@ -215,13 +198,13 @@ def test_completion_body_matches_transcript() -> None:
         plans=[Plan(["a", "b"], "length")],
         prompt_tokens=5,
     )
-    assert skeleton(orjson.loads(body)) == skeleton(recorded)
+    assert shape(orjson.loads(body)) == shape(recorded)
 
 
 def test_models_body_matches_transcript() -> None:
     recorded = load_transcript("02_models.txt").body
     body = wire.models_body(("tiny-llama",), 512, 1795483080, ["87ea928a8bed3d6d"])
-    assert skeleton(orjson.loads(body)) == skeleton(orjson.loads(recorded))
+    assert shape(orjson.loads(body)) == shape(orjson.loads(recorded))
     assert len(body) == len(recorded) - len("models/")  # same bytes but the root path
 
 
