@@ -298,10 +298,15 @@ def test_chat_endpoint_streams_the_same_text(gw: ServerProcess, upstream: Upstre
             assert source.response.headers["content-type"].startswith("text/event-stream")
             events = list(source.iter_sse())
     assert events[-1].data == "[DONE]"
-    assert all(e.event == "message" for e in events)
-    text = "".join(e.data for e in events[:-1])
+    # Text events, then one `event: usage` with the token counts, then [DONE].
+    assert events[-2].event == "usage"
+    assert all(e.event == "message" for e in events[:-2])
+    text = "".join(e.data for e in events[:-2])
     v1 = httpx.post(gw.url + "/v1/chat/completions", json=CHAT, timeout=60).json()
     assert text == v1["choices"][0]["message"]["content"]
+    usage = json.loads(events[-2].data)
+    assert usage["completion_tokens"] == v1["usage"]["completion_tokens"]
+    assert usage["finish_reason"] == v1["choices"][0]["finish_reason"]
 
 
 def test_gateway_keeps_the_connection_usable(gw: ServerProcess, upstream: Upstream) -> None:
