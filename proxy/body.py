@@ -50,11 +50,9 @@ async def read_body(scope: Scope, receive: Receive, *, limit: int, timeout: floa
     return b"".join(parts)
 
 
-async def wait_disconnect(receive: Receive, scope: anyio.CancelScope, flag: list[bool]) -> None:
-    """After the body is read: wait for ``http.disconnect``, then cancel ``scope``."""
+async def wait_disconnect(receive: Receive) -> None:
+    """After the body is read: return when ``http.disconnect`` arrives."""
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            flag.append(True)
-            scope.cancel()
             return
