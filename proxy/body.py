@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import anyio
+import asyncio
 
 from proxy.asgi import Receive, Scope
 from proxy.errors import BadRequest, PayloadTooLarge, RequestTimeout
@@ -30,7 +30,7 @@ async def read_body(scope: Scope, receive: Receive, *, limit: int, timeout: floa
     parts: list[bytes] = []
     size = 0
     try:
-        with anyio.fail_after(timeout):
+        async with asyncio.timeout(timeout):
             while True:
                 message = await receive()
                 if message["type"] == "http.disconnect":

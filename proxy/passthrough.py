@@ -16,8 +16,6 @@ import time
 from collections.abc import Awaitable, Callable
 from urllib.parse import quote
 
-import anyio
-
 from proxy.accesslog import RequestInfo, request_info
 from proxy.asgi import Receive, Scope, Send, route_path
 from proxy.body import ClientDisconnected, read_body, wait_disconnect
@@ -160,8 +158,7 @@ class Relay:
             log.warning("upstream failed mid-response: %s (id=%s)", exc.message, info.request_id)
             return False
         finally:
-            with anyio.CancelScope(shield=True):
-                await response.aclose()
+            await response.aclose()
 
 
 def is_event_stream(headers: HeaderList) -> bool:
