@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import anyio
+import asyncio
 
 from proxy.asgi import Receive, Scope
 from proxy.errors import BadRequest, HeadersTooLarge, PayloadTooLarge, RequestTimeout, URITooLong
@@ -43,7 +43,7 @@ async def read_body(scope: Scope, receive: Receive, *, limit: int, timeout: floa
     parts: list[bytes] = []
     size = 0
     try:
-        with anyio.fail_after(timeout):
+        async with asyncio.timeout(timeout):
             while True:
                 message = await receive()
                 if message["type"] == "http.disconnect":
@@ -63,11 +63,9 @@ async def read_body(scope: Scope, receive: Receive, *, limit: int, timeout: floa
     return b"".join(parts)
 
 
-async def wait_disconnect(receive: Receive, scope: anyio.CancelScope, flag: list[bool]) -> None:
-    """After the body is read: wait for ``http.disconnect``, then cancel ``scope``."""
+async def wait_disconnect(receive: Receive) -> None:
+    """After the body is read: return when ``http.disconnect`` arrives."""
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            flag.append(True)
-            scope.cancel()
             return

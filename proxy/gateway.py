@@ -2,8 +2,10 @@
 
 Middleware, outermost first: in-flight count (the lifespan shutdown waits for
 it) → access log (request id, one line per request) → CORS (only when
-``VLLM_WRAPPER_CORS_ORIGINS`` is set) → bearer auth → routes. All are pure ASGI, so
-streamed bodies pass through untouched.
+``VLLM_WRAPPER_CORS_ORIGINS`` is set) → bearer auth → :class:`V1Lane` → routes. All
+are pure ASGI, so streamed bodies pass through untouched. ``/v1/*``, the hot path,
+goes from the lane straight to the passthrough app; everything else through
+Starlette's exception middleware and router.
 
 Mounted inside another app (``Mount("/llm", app=gateway)``) the gateway gets
 no lifespan events of its own; the host runs them with :func:`lifespan`.
@@ -25,6 +27,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from proxy.accesslog import AccessLogMiddleware
+from proxy.asgi import ASGIApp, Receive, Scope, Send, route_path
 from proxy.auth import BearerAuthMiddleware
 from proxy.chat import Chat
 from proxy.config import Settings
@@ -67,6 +70,28 @@ async def _server_error(request: Request, exc: Exception) -> Response:
     return _json_error(500, "internal gateway error; see the gateway log")
 
 
+class V1Lane:
+    """Innermost middleware: ``/v1/*`` requests go straight to ``v1``, the rest to the router.
+
+    Every ``/v1/...`` path belongs to the passthrough, so Starlette's router (a regex per
+    route, a scope copy) and exception middleware (two wrappers per message) have nothing
+    to decide there; skipping them is a measured part of the per-request CPU
+    (bench/RESULTS.md). The middlewares outside this one, and Starlette's server-error
+    handler outermost, still apply.
+    """
+
+    def __init__(self, app: ASGIApp, *, v1: ASGIApp, prefix: str = "/v1/") -> None:
+        self.app = app
+        self.v1 = v1
+        self.prefix = prefix
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and route_path(scope).startswith(self.prefix):
+            await self.v1(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+
 def lifespan(gateway: Starlette) -> AbstractAsyncContextManager[None]:
     """The gateway's lifespan (its upstream connection pool), for a host app that mounts it.
 
@@ -99,8 +124,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/health", Health(upstream, settings)),
         Route("/models", Models(relay)),
         Route("/chat", Chat(relay, settings)),
-        Route("/v1/{path:path}", passthrough),
-        Route("/v1", passthrough),  # a 404 of ours, not Starlette's redirect to /v1/
+        # /v1/... goes through V1Lane below; bare /v1 gets a 404 of ours, not a redirect.
+        Route("/v1", passthrough),
     ]
     public = ["/health"]
     if settings.docs:
@@ -129,9 +154,10 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 expose_headers=["x-request-id"],
             )
         )
-    middleware.append(
-        Middleware(BearerAuthMiddleware, api_key=settings.wrapper_api_key, exempt=public)
-    )
+    middleware += [
+        Middleware(BearerAuthMiddleware, api_key=settings.wrapper_api_key, exempt=public),
+        Middleware(V1Lane, v1=passthrough),
+    ]
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

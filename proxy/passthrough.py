@@ -10,12 +10,11 @@ client's connection is cut (no clean end), so the client sees the failure.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from urllib.parse import quote
-
-import anyio
 
 from proxy.accesslog import RequestInfo, request_info
 from proxy.asgi import Receive, Scope, Send, route_path
@@ -84,15 +83,34 @@ class Relay:
         self, receive: Receive, info: RequestInfo, exchange: Callable[[], Awaitable[bool]]
     ) -> None:
         """Run ``exchange`` (True when it sent its response completely), cancelling it the
-        moment the client disconnects so the upstream request is closed at once."""
-        disconnected: list[bool] = []
+        moment the client disconnects so the upstream request is closed at once.
+
+        A plain task watches for the disconnect and cancels this one; that cancellation is
+        absorbed here, any other (server shutdown) propagates, even if both happen at once.
+        """
+        task = asyncio.current_task()
+        assert task is not None
+        watching = True
+        disconnected = False
+
+        def on_disconnect(watcher: asyncio.Task[None]) -> None:
+            nonlocal disconnected
+            # ``watching`` is False once ``exchange`` is over: never cancel the task later.
+            if watching and not watcher.cancelled() and watcher.exception() is None:
+                disconnected = True
+                task.cancel()
+
+        watcher = asyncio.ensure_future(wait_disconnect(receive))
+        watcher.add_done_callback(on_disconnect)
         completed = False
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(wait_disconnect, receive, tg.cancel_scope, disconnected)
-            try:
-                completed = await exchange()
-            finally:
-                tg.cancel_scope.cancel()
+        try:
+            completed = await exchange()
+        except asyncio.CancelledError:
+            if not disconnected or task.uncancel() > 0:
+                raise
+        finally:
+            watching = False
+            watcher.cancel()
         if disconnected and not completed:
             info.note = "client-disconnected"
             log.debug("client disconnected; upstream closed (id=%s)", info.request_id)
@@ -141,8 +159,7 @@ class Relay:
             log.warning("upstream failed mid-response: %s (id=%s)", exc.message, info.request_id)
             return False
         finally:
-            with anyio.CancelScope(shield=True):
-                await response.aclose()
+            await response.aclose()
 
 
 def is_event_stream(headers: HeaderList) -> bool:

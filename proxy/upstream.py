@@ -93,6 +93,8 @@ class UpstreamResponse:
         return b"".join(parts)
 
     async def aclose(self) -> None:
+        """Release or close the connection. Never suspends, so a pending cancellation
+        cannot cut it short in a ``finally``."""
         response = self._response
         if response.content.at_eof():
             response.release()  # back to the pool
