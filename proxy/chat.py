@@ -31,7 +31,6 @@ import math
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import anyio
 import orjson
 
 from proxy.accesslog import RequestInfo, request_info
@@ -311,7 +310,7 @@ class Chat:
         except UpstreamError as exc:
             await exc.send(send)
         finally:
-            await _close(response)
+            await response.aclose()
         return None
 
     async def _unary(
@@ -332,7 +331,7 @@ class Chat:
             await exc.send(send)
             return True
         finally:
-            await _close(response)
+            await response.aclose()
         await send_json(send, 200, orjson.dumps(answer))
         return True
 
@@ -376,11 +375,6 @@ class Chat:
             log.warning("upstream failed mid-stream: %s (id=%s)", exc.message, info.request_id)
             tail = error_event(exc)
         finally:
-            await _close(response)
+            await response.aclose()
         await send({"type": "http.response.body", "body": tail, "more_body": False})
         return True
-
-
-async def _close(response: UpstreamResponse) -> None:
-    with anyio.CancelScope(shield=True):
-        await response.aclose()
