@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.chat import InvalidChat, _StreamState, parse_chat, translate_completion
+from proxy.chat import _StreamState, translate_completion
+from proxy.chatrequest import InvalidChat, parse_chat
 from proxy.config import Settings
 
 SETTINGS = Settings(model="m-default", default_max_tokens=99, default_temperature=0.3)

@@ -1,0 +1,353 @@
+"""The OpenAPI 3.1 document behind ``/docs``: every endpoint, with request and response examples.
+
+Written by hand (the ``/v1`` relay has no models to derive it from). ``root_path``
+becomes the schema's ``servers`` when the gateway is mounted under a prefix.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from proxy.config import Settings
+
+
+def _error(description: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+    }
+
+
+_ERRORS = {
+    "400": _error("Bad input: the message names the field, `param` holds its name"),
+    "401": _error("Missing or wrong API key (when `VLLM_WRAPPER_API_KEY` is set)"),
+    "413": _error("Request body over `VLLM_WRAPPER_MAX_BODY_BYTES`"),
+    "502": _error("The upstream sent something unexpected"),
+    "503": _error("The upstream is unavailable after the retries"),
+    "504": _error("The upstream timed out"),
+}
+
+_CHAT_EXAMPLE = {
+    "messages": [
+        {"role": "system", "content": "你是一个有帮助的AI助手"},
+        {"role": "user", "content": "你好，请介绍一下你自己"},
+    ],
+    "max_tokens": 512,
+    "temperature": 0.7,
+}
+_STREAM_EXAMPLE = (
+    "data: 你好\n\ndata: ！\n\ndata: first line\ndata: second line\n\n"
+    'event: usage\ndata:{"prompt_tokens":12,"completion_tokens":40,"total_tokens":52,'
+    '"finish_reason":"stop","model":"meta-llama/Llama-3.1-70B-Instruct"}\n\n'
+    "data: [DONE]\n\n"
+)
+
+
+def _json(schema: dict[str, Any], example: Any = None) -> dict[str, Any]:
+    body: dict[str, Any] = {"schema": schema}
+    if example is not None:
+        body["example"] = example
+    return {"application/json": body}
+
+
+def _passthrough(summary: str, method: str, example: Any = None) -> dict[str, Any]:
+    op: dict[str, Any] = {
+        "tags": ["OpenAI-compatible (relayed to vLLM)"],
+        "summary": summary,
+        "description": "Relayed to `{VLLM_BASE_URL}` byte for byte, streaming or not; "
+        "vLLM's own answer (and its errors) come back unchanged. See vLLM's "
+        "OpenAI-compatible server docs for every field.",
+        "responses": {
+            "200": {
+                "description": "vLLM's answer (`text/event-stream` when `stream` is true)",
+                "content": {
+                    "application/json": {"schema": {"type": "object"}},
+                    "text/event-stream": {"schema": {"type": "string"}},
+                },
+            },
+            **_ERRORS,
+        },
+    }
+    if method == "post":
+        op["requestBody"] = {
+            "required": True,
+            "content": _json({"type": "object", "additionalProperties": True}, example),
+        }
+    return op
+
+
+def build_openapi(settings: Settings, root_path: str = "") -> dict[str, Any]:
+    """The OpenAPI 3.1 document; ``servers`` is ``root_path`` when mounted under one."""
+    model = settings.model
+    chat_response = {
+        "content": "你好！我是一个AI助手……",
+        "model": model,
+        "usage": {"prompt_tokens": 25, "completion_tokens": 150, "total_tokens": 175},
+        "finish_reason": "stop",
+    }
+    doc: dict[str, Any] = {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "vllm-wrapper",
+            "version": "0.1.0",
+            "description": "An OpenAI-compatible gateway for vLLM: `/chat` (simplified), "
+            "`/v1/*` (vLLM's OpenAI API, relayed), `/health`, `/models`. "
+            + (
+                "Requests need `Authorization: Bearer <key>`: use **Authorize**."
+                if settings.wrapper_api_key
+                else "This gateway runs without an API key."
+            ),
+        },
+        "paths": {
+            "/chat": {
+                "post": {
+                    "tags": ["Simplified"],
+                    "summary": "Chat in one call (JSON answer, or text as server-sent events)",
+                    "description": (
+                        f"Defaults: `model` {model!r}, `max_tokens` "
+                        f"{settings.default_max_tokens}, `temperature` "
+                        f"{settings.default_temperature}. Other fields go to vLLM unchanged "
+                        "(`seed`, `top_k`...), except `n` (only 1) and `stream_options`.\n\n"
+                        "With `stream: true`: one `data:` event per generated piece of text "
+                        "(a text with line breaks spans several `data:` lines of one event), "
+                        "then `event: usage` with the token counts, then `data: [DONE]`. "
+                        "An upstream failure after the stream began ends it with "
+                        "`event: error` and an error object as data (no `[DONE]`)."
+                    ),
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "application/json": {
+                                "schema": {"$ref": "#/components/schemas/ChatRequest"},
+                                "examples": {
+                                    "chat": {"summary": "Non-streaming", "value": _CHAT_EXAMPLE},
+                                    "stream": {
+                                        "summary": "Streaming",
+                                        "value": {
+                                            "messages": [{"role": "user", "content": "写一首短诗"}],
+                                            "stream": True,
+                                            "max_tokens": 200,
+                                        },
+                                    },
+                                },
+                            }
+                        },
+                    },
+                    "responses": {
+                        "200": {
+                            "description": "The answer",
+                            "content": {
+                                "application/json": {
+                                    "schema": {"$ref": "#/components/schemas/ChatResponse"},
+                                    "example": chat_response,
+                                },
+                                "text/event-stream": {
+                                    "schema": {"type": "string"},
+                                    "example": _STREAM_EXAMPLE,
+                                },
+                            },
+                        },
+                        **_ERRORS,
+                    },
+                }
+            },
+            "/health": {
+                "get": {
+                    "tags": ["Operations"],
+                    "summary": "Liveness, and whether vLLM answers",
+                    "description": "Always 200 while the gateway runs; `?strict=1` gives "
+                    "503 when vLLM does not answer. Never needs a key.",
+                    "security": [],
+                    "parameters": [
+                        {
+                            "name": "strict",
+                            "in": "query",
+                            "required": False,
+                            "schema": {"type": "string", "enum": ["1"]},
+                        }
+                    ],
+                    "responses": {
+                        "200": {
+                            "description": "Gateway status",
+                            "content": _json(
+                                {"$ref": "#/components/schemas/Health"},
+                                {
+                                    "status": "healthy",
+                                    "vllm_available": True,
+                                    "model": model,
+                                    "base_url": settings.public_base_url,
+                                },
+                            ),
+                        },
+                        "503": _error("With `strict=1`: vLLM unavailable"),
+                    },
+                }
+            },
+            "/models": {
+                "get": {
+                    "tags": ["Operations"],
+                    "summary": "The models vLLM serves (its `/v1/models`, relayed)",
+                    "responses": {
+                        "200": {
+                            "description": "Model list",
+                            "content": _json(
+                                {"$ref": "#/components/schemas/ModelList"},
+                                {"object": "list", "data": [{"id": model, "object": "model"}]},
+                            ),
+                        },
+                        **_ERRORS,
+                    },
+                }
+            },
+            "/v1/chat/completions": {
+                "post": _passthrough(
+                    "OpenAI chat completions",
+                    "post",
+                    {
+                        "model": model,
+                        "messages": [{"role": "user", "content": "Hello!"}],
+                        "temperature": 0.7,
+                        "max_tokens": 100,
+                    },
+                )
+            },
+            "/v1/completions": {
+                "post": _passthrough(
+                    "OpenAI text completions",
+                    "post",
+                    {"model": model, "prompt": "Once upon a time", "max_tokens": 32},
+                )
+            },
+            "/v1/embeddings": {
+                "post": _passthrough(
+                    "OpenAI embeddings (when vLLM serves an embedding model)",
+                    "post",
+                    {"model": model, "input": "hello"},
+                )
+            },
+            "/v1/models": {"get": _passthrough("OpenAI model list", "get")},
+            "/v1/{path}": {
+                "parameters": [
+                    {
+                        "name": "path",
+                        "in": "path",
+                        "required": True,
+                        "description": "Any other path vLLM serves under /v1 "
+                        "(e.g. `tokenize`); LoRA admin paths are refused unless "
+                        "`VLLM_WRAPPER_ALLOW_ADMIN=true`.",
+                        "schema": {"type": "string"},
+                    }
+                ],
+                "get": _passthrough("Any other vLLM endpoint (GET)", "get"),
+                "post": _passthrough("Any other vLLM endpoint (POST)", "post"),
+            },
+        },
+        "components": {
+            "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer"}},
+            "schemas": _SCHEMAS,
+        },
+    }
+    if settings.wrapper_api_key:
+        doc["security"] = [{"bearerAuth": []}]
+    if root_path:
+        doc["servers"] = [{"url": root_path, "description": "this gateway"}]
+    return doc
+
+
+_ROLES = ["system", "user", "assistant", "tool"]
+_SCHEMAS: dict[str, Any] = {
+    "Message": {
+        "type": "object",
+        "required": ["role", "content"],
+        "properties": {
+            "role": {"type": "string", "enum": _ROLES},
+            "content": {
+                "description": "Text, or OpenAI content parts",
+                "oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "object"}}],
+            },
+        },
+        "additionalProperties": True,
+    },
+    "ChatRequest": {
+        "type": "object",
+        "required": ["messages"],
+        "properties": {
+            "messages": {
+                "type": "array",
+                "minItems": 1,
+                "items": {"$ref": "#/components/schemas/Message"},
+            },
+            "model": {"type": "string", "description": "Default: `VLLM_MODEL`"},
+            "max_tokens": {
+                "type": "integer",
+                "minimum": 1,
+                "description": "Default: `VLLM_DEFAULT_MAX_TOKENS`",
+            },
+            "temperature": {
+                "type": "number",
+                "minimum": 0,
+                "maximum": 2,
+                "description": "Default: `VLLM_DEFAULT_TEMPERATURE`",
+            },
+            "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+            "stop": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
+            "stream": {"type": "boolean", "default": False},
+        },
+        "additionalProperties": True,
+    },
+    "Usage": {
+        "type": "object",
+        "required": ["prompt_tokens", "completion_tokens", "total_tokens"],
+        "properties": {
+            "prompt_tokens": {"type": "integer"},
+            "completion_tokens": {"type": "integer"},
+            "total_tokens": {"type": "integer"},
+        },
+    },
+    "ChatResponse": {
+        "type": "object",
+        "required": ["content", "model", "usage", "finish_reason"],
+        "properties": {
+            "content": {"type": "string"},
+            "model": {"type": "string"},
+            "usage": {"$ref": "#/components/schemas/Usage"},
+            "finish_reason": {
+                "type": ["string", "null"],
+                "description": "`stop`, `length`...",
+            },
+        },
+    },
+    "Health": {
+        "type": "object",
+        "required": ["status", "vllm_available", "model", "base_url"],
+        "properties": {
+            "status": {"type": "string", "enum": ["healthy", "unhealthy"]},
+            "vllm_available": {"type": "boolean"},
+            "model": {"type": "string"},
+            "base_url": {"type": "string"},
+        },
+    },
+    "ModelList": {
+        "type": "object",
+        "properties": {
+            "object": {"type": "string"},
+            "data": {"type": "array", "items": {"type": "object"}},
+        },
+    },
+    "Error": {
+        "type": "object",
+        "required": ["error"],
+        "properties": {
+            "error": {
+                "type": "object",
+                "required": ["message", "type"],
+                "properties": {
+                    "message": {"type": "string"},
+                    "type": {"type": "string"},
+                    "param": {"type": ["string", "null"]},
+                    "code": {"type": ["string", "integer", "null"]},
+                },
+            }
+        },
+    },
+}
