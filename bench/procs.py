@@ -19,6 +19,8 @@ from pathlib import Path
 
 import httpx
 
+from scripts.vllm_cpu import descendants
+
 ROOT = Path(__file__).resolve().parents[1]
 _TICK = os.sysconf("SC_CLK_TCK")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -32,29 +34,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _children() -> dict[int, list[int]]:
-    kids: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        kids.setdefault(ppid, []).append(int(entry))
-    return kids
-
-
 def tree(pid: int) -> list[int]:
     """``pid`` and all its descendants."""
-    kids = _children()
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo.extend(kids.get(p, ()))
-    return out
+    return [pid, *descendants(pid)]
 
 
 def cpu_seconds(pids: list[int]) -> float:

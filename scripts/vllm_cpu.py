@@ -340,7 +340,7 @@ def _pids_in_group(pgid: int) -> list[int]:
     return pids
 
 
-def _descendants(pid: int) -> list[int]:
+def descendants(pid: int) -> list[int]:
     """All live descendants of ``pid`` (from /proc), in case one left the group."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
@@ -478,7 +478,7 @@ class VllmServer:
         proc, pgid = self.process, self._pgid
         if proc is None or pgid is None:
             return
-        stragglers = set(_descendants(proc.pid))
+        stragglers = set(descendants(proc.pid))
 
         def wait_group_gone(seconds: float) -> bool:
             deadline = time.monotonic() + seconds
