@@ -182,10 +182,25 @@ class Chat:
             info.attempts += 1
             return await upstream.send("POST", url, headers, request)
 
-        exchange = self._stream if stream else self._unary
         await self.relay.guard(
-            receive, info, lambda: exchange(send, attempt, info, payload["model"])
+            receive, info, lambda: self._exchange(send, attempt, info, payload["model"], stream)
         )
+
+    async def _exchange(
+        self,
+        send: Send,
+        attempt: Callable[[], Awaitable[UpstreamResponse]],
+        info: RequestInfo,
+        model: str,
+        stream: bool,
+    ) -> bool:
+        """Open the upstream, then answer as a stream or whole; True when fully answered."""
+        response = await self._open(send, attempt, info)
+        if response is None:
+            return True
+        answer = self._stream if stream else self._unary
+        await answer(send, response, info, model)
+        return True
 
     async def _open(
         self, send: Send, attempt: Callable[[], Awaitable[UpstreamResponse]], info: RequestInfo
@@ -208,37 +223,22 @@ class Chat:
         return None
 
     async def _unary(
-        self,
-        send: Send,
-        attempt: Callable[[], Awaitable[UpstreamResponse]],
-        info: RequestInfo,
-        model: str,
-    ) -> bool:
-        response = await self._open(send, attempt, info)
-        if response is None:
-            return True
+        self, send: Send, response: UpstreamResponse, info: RequestInfo, model: str
+    ) -> None:
         try:
             answer = translate_completion(await response.read(), model)
         except UpstreamError as exc:
             log.warning("upstream failed: %s (id=%s)", exc.message, info.request_id)
             info.note = exc.code or ""
             await exc.send(send)
-            return True
+            return
         finally:
             await response.aclose()
         await send_json(send, 200, orjson.dumps(answer))
-        return True
 
     async def _stream(
-        self,
-        send: Send,
-        attempt: Callable[[], Awaitable[UpstreamResponse]],
-        info: RequestInfo,
-        model: str,
-    ) -> bool:
-        response = await self._open(send, attempt, info)
-        if response is None:
-            return True
+        self, send: Send, response: UpstreamResponse, info: RequestInfo, model: str
+    ) -> None:
         state = _StreamState(model)
         decoder = SSEDecoder()
         try:
@@ -271,4 +271,3 @@ class Chat:
         finally:
             await response.aclose()
         await send({"type": "http.response.body", "body": tail, "more_body": False})
-        return True
