@@ -12,6 +12,7 @@ import pytest
 
 from tests.integration.conftest import MODEL, Sim
 from tests.support.servers import ServerProcess, gateway_server
+from tests.support.streams import check_streams_incrementally
 
 CHAT = {
     "model": MODEL,
@@ -102,20 +103,7 @@ def test_server_timing_gives_the_gateway_time_without_the_upstream_wait(
 
 def test_chunks_arrive_incrementally(gateway: ServerProcess, clean_sim: Sim) -> None:
     """The first chunk reaches the client while the upstream is still generating."""
-    body = dict(CHAT, stream=True, max_tokens=20)
-    headers = {"x-sim-token-delay": "0.1"}
-    with httpx.Client(timeout=30) as client:
-        with client.stream(
-            "POST", gateway.url + "/v1/chat/completions", json=body, headers=headers
-        ) as r:
-            chunks = r.iter_raw()
-            first = next(chunks)
-            assert first.startswith(b"data: ")
-            # The upstream has ~2 s of tokens left: it is still streaming now.
-            assert clean_sim.stats()["open_streams"] == 1
-            rest = b"".join(chunks)
-    assert rest.endswith(b"data: [DONE]\n\n")
-    assert clean_sim.stats()["open_streams"] == 0
+    check_streams_incrementally(gateway.url + "/v1/chat/completions", clean_sim, CHAT)
 
 
 def test_request_id_is_accepted_forwarded_and_returned(

@@ -12,6 +12,7 @@ import pytest
 
 from tests.integration.conftest import CHAT_BODY, GATEWAY_ENV, Sim
 from tests.support.servers import ServerProcess, gateway_server
+from tests.support.streams import check_disconnect_aborts
 
 
 @pytest.mark.parametrize("status", [502, 503, 504])
@@ -104,19 +105,7 @@ def test_started_stream_is_never_retried(gateway: ServerProcess, clean_sim: Sim)
 def test_client_disconnect_aborts_the_upstream_stream(
     gateway: ServerProcess, clean_sim: Sim
 ) -> None:
-    body = dict(CHAT_BODY, stream=True, max_tokens=200)
-    headers = {"x-sim-token-delay": "0.05"}
-    with httpx.Client(timeout=30) as client:
-        with client.stream(
-            "POST", gateway.url + "/v1/chat/completions", json=body, headers=headers
-        ) as r:
-            it = r.iter_raw()
-            next(it)
-            next(it)
-    stats = clean_sim.wait_aborted(1, timeout=5)
-    assert stats["aborted"] == 1
-    assert stats["open_streams"] == 0
-    assert stats["generation_tokens"] < 200
+    check_disconnect_aborts(gateway.url + "/v1/chat/completions", clean_sim, CHAT_BODY)
 
 
 def test_client_disconnect_aborts_a_non_streaming_generation(
