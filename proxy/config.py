@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -55,7 +55,6 @@ class Settings:
     graceful_timeout: float = 30.0
     demo: bool = False
     docs: bool = True
-    extra: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def from_env(
@@ -91,8 +90,7 @@ class Settings:
                 kwargs[name] = parse(raw.strip())
             except ValueError as exc:
                 raise ConfigError(f"{var}={raw!r}: {exc}") from None
-        extra = {k: v for k, v in values.items() if k.startswith("VLLM_WRAPPER_")}
-        return cls(**kwargs, extra=extra).validated()
+        return cls(**kwargs).validated()
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes).validated()
