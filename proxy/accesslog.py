@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
+
+import orjson
 
 from proxy.asgi import ASGIApp, Message, Receive, Scope, Send
 from proxy.headers import REQUEST_ID, request_id_from
@@ -20,12 +23,13 @@ from proxy.headers import REQUEST_ID, request_id_from
 log = logging.getLogger("proxy.access")
 
 SCOPE_KEY = "vllm_wrapper.request"
+_UNPARSED: Any = object()
 
 
 class RequestInfo:
     """What handlers record about a request for its log line."""
 
-    __slots__ = ("attempts", "note", "request_id", "started", "upstream_ms")
+    __slots__ = ("_json", "attempts", "note", "request_id", "started", "upstream_ms")
 
     def __init__(self, request_id: bytes) -> None:
         self.started = time.perf_counter()
@@ -33,6 +37,22 @@ class RequestInfo:
         self.upstream_ms: float | None = None
         self.attempts = 0
         self.note = ""
+        self._json: Any = _UNPARSED
+
+    def json_body(self, body: bytes) -> dict[str, Any] | None:
+        """The request body's top-level JSON object, parsed at most once per request.
+
+        None when the body is not a JSON object. Stages that need a field of the
+        request (routing's ``model``, limits' ``max_tokens``...) call this with the
+        buffered body; the bytes sent upstream stay the client's own.
+        """
+        if self._json is _UNPARSED:
+            try:
+                parsed = orjson.loads(body) if body else None
+            except orjson.JSONDecodeError:
+                parsed = None
+            self._json = parsed if isinstance(parsed, dict) else None
+        return self._json
 
 
 def request_info(scope: Scope) -> RequestInfo:

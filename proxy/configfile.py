@@ -1,0 +1,281 @@
+"""The TOML configuration file (``VLLM_WRAPPER_CONFIG`` / ``--config``) → typed, frozen specs.
+
+The file holds the structured settings that do not fit in environment variables:
+``[[upstreams]]``, ``[routing]``, ``[[keys]]``, ``[limits]``, ``[state]``,
+``[history]``, ``[cache]``, ``[metrics]``. It is read with the standard
+library's ``tomllib`` once, at start-up (and on reload), into a
+:class:`FileConfig` that ``create_app()`` hands down.
+
+Every problem raises :class:`ConfigFileError`, whose text is one line naming
+the file, the key path and what is wrong::
+
+    gateway.toml: keys[2].rpm: expected an integer >= 1, got "sixty"
+
+Unknown keys are errors (a typo must not silently disable a limit). A secret
+may be given inline (``api_key = "..."``) or as the name of an environment
+variable (``api_key_env = "TEAM_A_KEY"``), never both.
+
+Each section has its own parser below, reading through a :class:`Table`, which
+tracks the key path, converts and checks values, and refuses keys nobody read.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from proxy.config import ConfigError
+
+T = TypeVar("T")
+
+_MISSING: Any = object()
+
+
+class ConfigFileError(ConfigError):
+    """A problem in the configuration file. ``str(err)`` is ``file: key.path: what``."""
+
+    def __init__(self, file: str, path: str, problem: str) -> None:
+        self.file = file
+        self.path = path
+        self.problem = problem
+        where = f"{file}: {path}: " if path else f"{file}: "
+        super().__init__(where + problem)
+
+
+def _show(value: Any) -> str:
+    """A value as it looks in TOML, shortened, for an error message."""
+    if isinstance(value, str):
+        text = '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    elif isinstance(value, bool):
+        text = "true" if value else "false"
+    elif isinstance(value, dict):
+        text = "a table"
+    elif isinstance(value, list):
+        text = "an array"
+    else:
+        text = str(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+class Table:
+    """One TOML table being read: typed getters that name the key path in their errors.
+
+    Call :meth:`done` after reading every key a section knows: any key left over is
+    reported as unknown (with the known ones listed).
+    """
+
+    def __init__(
+        self, data: Mapping[str, Any], *, file: str, path: str, environ: Mapping[str, str]
+    ) -> None:
+        self.data = data
+        self.file = file
+        self.path = path
+        self.environ = environ
+        self._read: set[str] = set()
+
+    # ---- errors and paths ----------------------------------------------------------------
+
+    def where(self, key: str | None = None) -> str:
+        if key is None:
+            return self.path
+        return f"{self.path}.{key}" if self.path else key
+
+    def error(self, key: str | None, problem: str) -> ConfigFileError:
+        return ConfigFileError(self.file, self.where(key), problem)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.data
+
+    # ---- getters -------------------------------------------------------------------------
+
+    def raw(self, key: str, default: Any = _MISSING) -> Any:
+        self._read.add(key)
+        if key in self.data:
+            return self.data[key]
+        if default is _MISSING:
+            raise self.error(key, "is required")
+        return default
+
+    def str(self, key: str, default: Any = _MISSING, *, nonempty: bool = True) -> Any:
+        value = self.raw(key, default)
+        if value is default and key not in self.data:
+            return value
+        if not isinstance(value, str):
+            raise self.error(key, f"expected a string, got {_show(value)}")
+        if nonempty and not value.strip():
+            raise self.error(key, "must not be empty")
+        return value
+
+    def choice(self, key: str, choices: tuple[str, ...], default: Any = _MISSING) -> Any:
+        value = self.str(key, default)
+        if key in self.data and value not in choices:
+            raise self.error(key, f"expected one of {', '.join(choices)}, got {_show(value)}")
+        return value
+
+    def bool(self, key: str, default: Any = _MISSING) -> Any:
+        value = self.raw(key, default)
+        if key in self.data and not isinstance(value, bool):
+            raise self.error(key, f"expected true or false, got {_show(value)}")
+        return value
+
+    def int(
+        self, key: str, default: Any = _MISSING, *, lo: int | None = None, hi: int | None = None
+    ) -> Any:
+        value = self.raw(key, default)
+        if key not in self.data:
+            return value
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.error(key, f"expected an integer{_bounds(lo, hi)}, got {_show(value)}")
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            raise self.error(key, f"expected an integer{_bounds(lo, hi)}, got {value}")
+        return value
+
+    def float(
+        self,
+        key: str,
+        default: Any = _MISSING,
+        *,
+        lo: float | None = None,
+        hi: float | None = None,
+        open_lo: bool = False,
+    ) -> Any:
+        value = self.raw(key, default)
+        if key not in self.data:
+            return value
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+        ):
+            raise self.error(
+                key, f"expected a number{_bounds(lo, hi, open_lo)}, got {_show(value)}"
+            )
+        bad_lo = lo is not None and (value <= lo if open_lo else value < lo)
+        if bad_lo or (hi is not None and value > hi):
+            raise self.error(key, f"expected a number{_bounds(lo, hi, open_lo)}, got {value}")
+        return float(value)
+
+    def str_list(self, key: str, default: Any = _MISSING) -> Any:
+        value = self.raw(key, default)
+        if key not in self.data:
+            return value
+        if not isinstance(value, list):
+            raise self.error(key, f"expected an array of strings, got {_show(value)}")
+        for i, item in enumerate(value):
+            if not isinstance(item, str) or not item.strip():
+                raise self.error(f"{key}[{i}]", f"expected a non-empty string, got {_show(item)}")
+        return tuple(value)
+
+    def parsed(self, key: str, parse: Callable[[str], T], default: Any = _MISSING) -> Any:
+        """A string converted by ``parse``, whose ValueError text becomes the error."""
+        value = self.str(key, default)
+        if key not in self.data:
+            return value
+        try:
+            return parse(value)
+        except ValueError as exc:
+            raise self.error(key, f"{exc}, got {_show(value)}") from None
+
+    def secret(self, key: str, *, required: bool = False) -> str | None:
+        """``key`` inline, or ``key_env`` naming an environment variable; never both."""
+        env_key = key + "_env"
+        inline = self.str(key, None)
+        var = self.str(env_key, None)
+        if inline is not None and var is not None:
+            raise self.error(None, f"give {key} or {env_key}, not both")
+        if var is not None:
+            value = self.environ.get(var)
+            if value is None or not value.strip():
+                raise self.error(env_key, f"environment variable {var} is not set or empty")
+            return value.strip()
+        if inline is None and required:
+            raise self.error(None, f"{key} or {env_key} is required")
+        return inline
+
+    def table(self, key: str) -> Table:
+        """A sub-table (an empty one when absent)."""
+        value = self.raw(key, {})
+        if not isinstance(value, dict):
+            raise self.error(key, f"expected a table [{self.where(key)}], got {_show(value)}")
+        return Table(value, file=self.file, path=self.where(key), environ=self.environ)
+
+    def tables(self, key: str) -> list[Table]:
+        """An array of tables (``[[key]]``); empty when absent."""
+        value = self.raw(key, [])
+        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+            raise self.error(key, f"expected an array of tables [[{key}]], got {_show(value)}")
+        return [
+            Table(v, file=self.file, path=f"{self.where(key)}[{i}]", environ=self.environ)
+            for i, v in enumerate(value)
+        ]
+
+    def done(self) -> None:
+        """Refuse any key that no getter read (a typo must not go unnoticed)."""
+        unknown = [k for k in self.data if k not in self._read]
+        if unknown:
+            known = ", ".join(sorted(self._read)) or "none"
+            raise self.error(unknown[0], f"unknown key (known here: {known})")
+
+
+def _bounds(lo: float | None, hi: float | None, open_lo: bool = False) -> str:
+    if lo is not None and hi is not None:
+        return f" in {lo}..{hi}"
+    if lo is not None:
+        return f" {'>' if open_lo else '>='} {lo}"
+    if hi is not None:
+        return f" <= {hi}"
+    return ""
+
+
+# ---- the sections ------------------------------------------------------------------------
+#
+# Each section parser takes the section's Table and returns its frozen spec; it must call
+# ``table.done()``. SECTIONS maps a top-level key to (FileConfig field, parser, kind) with
+# kind "table" ([name]) or "array" ([[name]]). A section not listed is an unknown key.
+
+
+@dataclass(frozen=True, slots=True)
+class FileConfig:
+    """Everything the configuration file says, checked. Built by :func:`load`."""
+
+    path: str = ""
+
+
+SectionParser = Callable[[Any], Any]
+SECTIONS: dict[str, tuple[str, SectionParser, str]] = {}
+
+
+def parse(data: Mapping[str, Any], *, file: str, environ: Mapping[str, str]) -> FileConfig:
+    """Check parsed TOML ``data`` and build its :class:`FileConfig`."""
+    root = Table(data, file=file, path="", environ=environ)
+    values: dict[str, Any] = {}
+    for key, (field, parser, kind) in SECTIONS.items():
+        if key not in data:
+            continue
+        if kind == "array":
+            values[field] = parser(root.tables(key))
+        else:
+            values[field] = parser(root.table(key))
+    root.done()
+    return FileConfig(path=file, **values)
+
+
+def load(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> FileConfig:
+    """Read and check the file at ``path``. Raises :class:`ConfigFileError` (one line)."""
+    name = str(path)
+    try:
+        text = Path(path).read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise ConfigFileError(name, "", "no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigFileError(name, "", f"cannot read: {exc}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigFileError(name, "", f"invalid TOML: {exc}") from None
+    return parse(data, file=name, environ=os.environ if environ is None else environ)
