@@ -1,0 +1,148 @@
+"""The limit algorithm for the backends that run it in Python (memory, SQLite).
+
+:class:`LocalLimits` implements :meth:`State.reserve` / ``settle`` / ``renew`` /
+``peek`` once, over a handful of storage primitives that each backend provides;
+the backend makes every call of these methods one atomic unit (the memory
+backend runs it without awaiting; SQLite inside one ``BEGIN IMMEDIATE``
+transaction). Redis runs the same algorithm as Lua (``proxy.state.redis``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import orjson
+
+from proxy.state import COUNTER, LEASE, WINDOW, Claim, Outcome, tokens_needed
+
+# How long a request id's outcome is remembered (a retried command within this time
+# sees the first outcome).
+MARK_SECONDS = 600.0
+
+
+class LocalLimits:
+    """Storage primitives (abstract) + the reserve/settle algorithm on top."""
+
+    # ---- primitives ---------------------------------------------------------------------
+
+    def mark_get(self, name: str, now: float) -> bytes | None:
+        raise NotImplementedError
+
+    def mark_set(self, name: str, value: bytes, expires: float) -> None:
+        raise NotImplementedError
+
+    def win_entries(self, key: str, since: float) -> list[tuple[float, int]]:
+        """Entries newer than ``since`` as (time, amount), oldest first; older ones dropped."""
+        raise NotImplementedError
+
+    def win_add(self, key: str, member: str, t: float, amount: int, expires: float) -> None:
+        raise NotImplementedError
+
+    def win_set(self, key: str, member: str, amount: int) -> None:
+        """Change an entry's amount (nothing if it is gone)."""
+        raise NotImplementedError
+
+    def ctr_get(self, key: str, now: float) -> int:
+        raise NotImplementedError
+
+    def ctr_add(self, key: str, delta: int, expires: float, now: float, *, create: bool) -> None:
+        raise NotImplementedError
+
+    def lease_live(self, key: str, now: float) -> list[tuple[str, float]]:
+        """Unexpired (member, expiry) pairs; expired ones dropped."""
+        raise NotImplementedError
+
+    def lease_set(self, key: str, member: str, expires: float) -> None:
+        raise NotImplementedError
+
+    def lease_del(self, key: str, member: str) -> None:
+        raise NotImplementedError
+
+    # ---- the algorithm ------------------------------------------------------------------
+
+    def _use(self, claim: Claim, now: float, rid: str) -> tuple[int, float, float]:
+        """(used, reset seconds, retry-after seconds for ``claim.required`` more)."""
+        if claim.kind == WINDOW:
+            entries = self.win_entries(claim.key, now - claim.seconds)
+            used = sum(a for _, a in entries)
+            reset = entries[0][0] + claim.seconds - now if entries else 0.0
+            when = tokens_needed(entries, used, claim.required, claim.limit)
+            retry = max(when + claim.seconds - now, 0.0)
+            return used, max(reset, 0.0), retry
+        if claim.kind == COUNTER:
+            return self.ctr_get(claim.key, now), claim.seconds, claim.seconds
+        live = self.lease_live(claim.key, now)
+        used = sum(1 for m, _ in live if m != rid)
+        first = min((e for _, e in live), default=now)
+        return used, first - now, max(first - now, 0.0)
+
+    def reserve_now(self, rid: str, claims: Sequence[Claim], now: float) -> Outcome:
+        mark = "r:" + rid
+        seen = self.mark_get(mark, now)
+        if seen is not None:
+            data = orjson.loads(seen)
+            return Outcome(data[0], data[1], data[2], data[3], data[4])
+        outcome = Outcome(True)
+        for i, claim in enumerate(claims):
+            used, reset, retry = self._use(claim, now, rid)
+            if outcome.admitted and used + claim.required > claim.limit:
+                outcome.admitted = False
+                outcome.refused = i
+                outcome.retry_after = retry
+            outcome.used.append(used)
+            outcome.reset.append(reset)
+        if outcome.admitted:
+            for i, claim in enumerate(claims):
+                if claim.kind == WINDOW:
+                    self.win_add(claim.key, rid, now, claim.amount, now + claim.seconds)
+                    if outcome.reset[i] == 0.0:
+                        outcome.reset[i] = claim.seconds
+                elif claim.kind == COUNTER:
+                    self.ctr_add(claim.key, claim.amount, now + claim.seconds, now, create=True)
+                else:
+                    self.lease_set(claim.key, rid, now + claim.seconds)
+                    if outcome.reset[i] <= 0.0:
+                        outcome.reset[i] = claim.seconds
+                outcome.used[i] += claim.amount
+        self.mark_set(
+            mark,
+            orjson.dumps(
+                [
+                    outcome.admitted,
+                    outcome.used,
+                    outcome.reset,
+                    outcome.refused,
+                    outcome.retry_after,
+                ]
+            ),
+            now + MARK_SECONDS,
+        )
+        return outcome
+
+    def settle_now(
+        self, rid: str, claims: Sequence[Claim], actual: Sequence[int], now: float
+    ) -> None:
+        mark = "s:" + rid
+        if self.mark_get(mark, now) is not None:
+            return
+        self.mark_set(mark, b"1", now + MARK_SECONDS)
+        for claim, amount in zip(claims, actual, strict=True):
+            if claim.kind == WINDOW:
+                self.win_set(claim.key, rid, amount)
+            elif claim.kind == COUNTER:
+                if amount != claim.amount:
+                    self.ctr_add(claim.key, amount - claim.amount, 0.0, now, create=False)
+            else:
+                self.lease_del(claim.key, rid)
+
+    def renew_now(self, rid: str, claims: Sequence[Claim], now: float) -> None:
+        for claim in claims:
+            if claim.kind == LEASE and any(m == rid for m, _ in self.lease_live(claim.key, now)):
+                self.lease_set(claim.key, rid, now + claim.seconds)
+
+    def peek_now(self, claims: Sequence[Claim], now: float) -> list[tuple[int, float]]:
+        out = []
+        for claim in claims:
+            used, reset, _ = self._use(claim, now, "")
+            out.append((used, reset))
+        return out

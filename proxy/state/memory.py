@@ -1,0 +1,190 @@
+"""In-process state: exact for one process, lost on restart."""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+
+from proxy.state import Claim, Outcome
+from proxy.state.local import LocalLimits
+
+
+class MemoryState(LocalLimits):
+    """Dicts in this process. Every method runs without awaiting, so it is atomic on the
+    event loop. Key-value entries are bounded by ``max_bytes`` (least recently used go)."""
+
+    name = "memory"
+
+    def __init__(self, *, max_bytes: int = 256 * 1024 * 1024, clock=time.time) -> None:
+        self.max_bytes = max_bytes
+        self.clock = clock
+        self._marks: dict[str, tuple[bytes, float]] = {}
+        self._windows: dict[str, dict[str, list[float]]] = {}  # key -> member -> [t, amount]
+        self._counters: dict[str, list[float]] = {}  # key -> [value, expires]
+        self._leases: dict[str, dict[str, float]] = {}
+        self._kv: OrderedDict[str, tuple[bytes, float]] = OrderedDict()
+        self._kv_bytes = 0
+        self._locks: dict[str, tuple[str, float]] = {}
+        self._indexes: dict[str, tuple[dict[str, float], float]] = {}
+        self._ops = 0
+
+    # ---- limit primitives ---------------------------------------------------------------
+
+    def mark_get(self, name: str, now: float) -> bytes | None:
+        hit = self._marks.get(name)
+        if hit is None or hit[1] <= now:
+            return None
+        return hit[0]
+
+    def mark_set(self, name: str, value: bytes, expires: float) -> None:
+        self._marks[name] = (value, expires)
+        self._ops += 1
+        if self._ops % 1024 == 0:
+            self._sweep(expires)
+
+    def _sweep(self, now: float) -> None:
+        now = self.clock()
+        for table in (self._marks, self._counters):
+            for k in [k for k, v in table.items() if v[1] <= now]:
+                del table[k]
+        for name in [k for k, (_, exp) in self._indexes.items() if exp <= now]:
+            del self._indexes[name]
+
+    def win_entries(self, key: str, since: float) -> list[tuple[float, int]]:
+        entries = self._windows.get(key)
+        if not entries:
+            return []
+        for m in [m for m, (t, _) in entries.items() if t <= since]:
+            del entries[m]
+        if not entries:
+            del self._windows[key]
+            return []
+        return sorted((t, int(a)) for t, a in entries.values())
+
+    def win_add(self, key: str, member: str, t: float, amount: int, expires: float) -> None:
+        self._windows.setdefault(key, {})[member] = [t, amount]
+
+    def win_set(self, key: str, member: str, amount: int) -> None:
+        entry = self._windows.get(key, {}).get(member)
+        if entry is not None:
+            entry[1] = amount
+
+    def ctr_get(self, key: str, now: float) -> int:
+        hit = self._counters.get(key)
+        return 0 if hit is None or hit[1] <= now else int(hit[0])
+
+    def ctr_add(self, key: str, delta: int, expires: float, now: float, *, create: bool) -> None:
+        hit = self._counters.get(key)
+        if hit is None or hit[1] <= now:
+            if create:
+                self._counters[key] = [delta, expires]
+            return
+        hit[0] += delta
+
+    def lease_live(self, key: str, now: float) -> list[tuple[str, float]]:
+        leases = self._leases.get(key)
+        if not leases:
+            return []
+        for m in [m for m, e in leases.items() if e <= now]:
+            del leases[m]
+        return list(leases.items())
+
+    def lease_set(self, key: str, member: str, expires: float) -> None:
+        self._leases.setdefault(key, {})[member] = expires
+
+    def lease_del(self, key: str, member: str) -> None:
+        self._leases.get(key, {}).pop(member, None)
+
+    # ---- State --------------------------------------------------------------------------
+
+    async def reserve(self, rid: str, claims: Sequence[Claim]) -> Outcome:
+        return self.reserve_now(rid, claims, self.clock())
+
+    async def settle(self, rid: str, claims: Sequence[Claim], actual: Sequence[int]) -> None:
+        self.settle_now(rid, claims, actual, self.clock())
+
+    async def renew(self, rid: str, claims: Sequence[Claim]) -> None:
+        self.renew_now(rid, claims, self.clock())
+
+    async def peek(self, claims: Sequence[Claim]) -> list[tuple[int, float]]:
+        return self.peek_now(claims, self.clock())
+
+    async def get(self, key: str) -> bytes | None:
+        hit = self._kv.get(key)
+        if hit is None:
+            return None
+        if hit[1] <= self.clock():
+            self._kv_drop(key)
+            return None
+        self._kv.move_to_end(key)
+        return hit[0]
+
+    def _kv_drop(self, key: str) -> bool:
+        hit = self._kv.pop(key, None)
+        if hit is None:
+            return False
+        self._kv_bytes -= len(hit[0])
+        return True
+
+    async def put(
+        self, key: str, value: bytes, ttl: float | None = None, *, only_if_absent: bool = False
+    ) -> bool:
+        now = self.clock()
+        if only_if_absent and await self.get(key) is not None:
+            return False
+        if len(value) > self.max_bytes:
+            return False
+        self._kv_drop(key)
+        self._kv[key] = (value, now + ttl if ttl is not None else float("inf"))
+        self._kv_bytes += len(value)
+        while self._kv_bytes > self.max_bytes:
+            oldest = next(iter(self._kv))
+            self._kv_drop(oldest)
+        return True
+
+    async def delete(self, key: str) -> bool:
+        live = await self.get(key) is not None
+        self._kv_drop(key)
+        return live
+
+    async def lock(self, key: str, owner: str, ttl: float) -> bool:
+        now = self.clock()
+        held = self._locks.get(key)
+        if held is not None and held[1] > now and held[0] != owner:
+            return False
+        self._locks[key] = (owner, now + ttl)
+        return True
+
+    async def unlock(self, key: str, owner: str) -> bool:
+        held = self._locks.get(key)
+        if held is None or held[0] != owner or held[1] <= self.clock():
+            return False
+        del self._locks[key]
+        return True
+
+    def _index(self, index: str) -> dict[str, float]:
+        hit = self._indexes.get(index)
+        if hit is None or hit[1] <= self.clock():
+            self._indexes.pop(index, None)
+            return {}
+        return hit[0]
+
+    async def index_add(self, index: str, member: str, score: float, ttl: float) -> None:
+        members = self._index(index)
+        members[member] = score
+        self._indexes[index] = (members, self.clock() + ttl)
+
+    async def index_remove(self, index: str, member: str) -> None:
+        self._index(index).pop(member, None)
+
+    async def index_page(
+        self, index: str, limit: int, after: tuple[float, str] | None = None
+    ) -> list[tuple[str, float]]:
+        items = sorted(((s, m) for m, s in self._index(index).items()), reverse=True)
+        if after is not None:
+            items = [it for it in items if it < after]
+        return [(m, s) for s, m in items[:limit]]
+
+    async def close(self) -> None:
+        return None
