@@ -4,9 +4,10 @@
 id (the client's ``X-Request-Id`` if sane, else a new one), returns it on every
 response, and logs one line when the request ends::
 
-    POST /v1/chat/completions 200 upstream=12.3ms bytes=4567 dur=812.0ms id=ab12...
+    POST /v1/chat/completions 200 upstream=12.3ms bytes=4567 dur=812.0ms id=ab12... key=team-a
 
-Bodies and the ``authorization`` header are never logged.
+The key is named by its ``name``; bodies, keys and the ``authorization`` header are
+never logged.
 """
 
 from __future__ import annotations
@@ -29,7 +30,18 @@ _UNPARSED: Any = object()
 class RequestInfo:
     """What handlers record about a request for its log line."""
 
-    __slots__ = ("_json", "attempts", "note", "request_id", "started", "upstream_ms")
+    __slots__ = (
+        "_json",
+        "attempts",
+        "generated",
+        "key",
+        "model",
+        "note",
+        "request_id",
+        "started",
+        "upstream_ms",
+        "usage",
+    )
 
     def __init__(self, request_id: bytes) -> None:
         self.started = time.perf_counter()
@@ -38,6 +50,13 @@ class RequestInfo:
         self.attempts = 0
         self.note = ""
         self._json: Any = _UNPARSED
+        # Filled by auth (the caller's proxy.keys.Key), admission (model) and whoever
+        # reads the answer's token usage: (prompt_tokens, completion_tokens), or, when a
+        # stream ended without its usage, ``generated``: the answer events seen.
+        self.key: Any = None
+        self.model: str | None = None
+        self.usage: tuple[int, int] | None = None
+        self.generated = 0
 
     def json_body(self, body: bytes) -> dict[str, Any] | None:
         """The request body's top-level JSON object, parsed at most once per request.
@@ -98,7 +117,7 @@ class AccessLogMiddleware:
                 dur = (time.perf_counter() - start) * 1000
                 up = f"{info.upstream_ms:.1f}ms" if info.upstream_ms is not None else "-"
                 log.info(
-                    "%s %s %s upstream=%s bytes=%d dur=%.1fms attempts=%d id=%s%s",
+                    "%s %s %s upstream=%s bytes=%d dur=%.1fms attempts=%d id=%s%s%s",
                     scope["method"],
                     scope["path"],
                     status or "-",
@@ -107,5 +126,6 @@ class AccessLogMiddleware:
                     dur,
                     info.attempts,
                     rid.decode("latin-1"),
+                    f" key={info.key.name}" if info.key is not None else "",
                     f" {info.note}" if info.note else "",
                 )

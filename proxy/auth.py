@@ -1,51 +1,54 @@
-"""Bearer-token auth as a pure ASGI middleware.
+"""Bearer-token auth as a pure ASGI middleware -> the caller's :class:`~proxy.keys.Key`.
 
-The key is kept only as a SHA-256 digest and compared with
-``secrets.compare_digest`` on digests, so neither content nor length leaks
-through timing. The scheme is case-insensitive (``bearer`` works, as in
-vLLM). Paths are matched after stripping ``root_path``, so the exemptions
-hold when the gateway is mounted under a prefix. CORS preflights (OPTIONS
-with ``Access-Control-Request-Method``) pass, as browsers send them without
-credentials.
+Keys are kept only as SHA-256 digests in a key ring (:mod:`proxy.keys`); the
+presented token is hashed and looked up, so neither content nor length leaks
+through timing. The key found is recorded on the request's ``RequestInfo``
+(``info.key``) for the stages after this one (limits, logs). An expired key is a
+401. The scheme is case-insensitive (``bearer`` works, as in vLLM). Paths are
+matched after stripping ``root_path``, so the exemptions hold when the gateway
+is mounted under a prefix. CORS preflights (OPTIONS with
+``Access-Control-Request-Method``) pass, as browsers send them without
+credentials. The ring can be swapped at run time (``Keys.apply``).
 """
 
 from __future__ import annotations
 
-import hashlib
-import secrets
+import time
 from collections.abc import Iterable
 
+from proxy.accesslog import request_info
 from proxy.asgi import ASGIApp, Receive, Scope, Send, route_path
 from proxy.errors import Unauthorized
+from proxy.keys import Key, Keys
 
 _CHALLENGE = [(b"www-authenticate", b"Bearer")]
 
 
 class BearerAuthMiddleware:
-    def __init__(self, app: ASGIApp, *, api_key: str, exempt: Iterable[str] = ("/health",)):
+    def __init__(self, app: ASGIApp, *, keys: Keys, exempt: Iterable[str] = ("/health",)):
         self.app = app
-        self.enabled = bool(api_key)
-        self._digest = hashlib.sha256(api_key.encode()).digest()
+        self.keys = keys
         self.exempt = frozenset(exempt)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if not self.enabled or scope["type"] not in ("http", "websocket"):
+        if not self.keys.ring or scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
         if route_path(scope) in self.exempt or _is_preflight(scope):
             await self.app(scope, receive, send)
             return
-        problem = self._check(scope["headers"])
-        if problem is None:
+        found = self._check(scope["headers"])
+        if isinstance(found, Key):
+            request_info(scope).key = found
             await self.app(scope, receive, send)
             return
         if scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 1008})
             return
-        await Unauthorized(problem).send(send, _CHALLENGE)
+        await Unauthorized(found).send(send, _CHALLENGE)
 
-    def _check(self, headers: list[tuple[bytes, bytes]]) -> str | None:
-        """None when authorized, else the reason (never echoing the key)."""
+    def _check(self, headers: list[tuple[bytes, bytes]]) -> Key | str:
+        """The caller's key when authorized, else the reason (never echoing the key)."""
         values = [v for n, v in headers if n == b"authorization"]
         if not values:
             return "missing API key: send 'Authorization: Bearer <key>'"
@@ -54,10 +57,12 @@ class BearerAuthMiddleware:
         scheme, _, token = values[0].strip().partition(b" ")
         if scheme.lower() != b"bearer" or not token.strip():
             return "Authorization must use the Bearer scheme: 'Authorization: Bearer <key>'"
-        digest = hashlib.sha256(token.strip()).digest()
-        if not secrets.compare_digest(digest, self._digest):
+        key = self.keys.ring.find(token.strip())
+        if key is None:
             return "invalid API key"
-        return None
+        if key.expires is not None and time.time() >= key.expires:
+            return f"API key '{key.name}' has expired"
+        return key
 
 
 def _is_preflight(scope: Scope) -> bool:

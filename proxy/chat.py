@@ -37,6 +37,7 @@ from proxy.asgi import Receive, Scope, Send
 from proxy.chatrequest import InvalidChat, parse_chat
 from proxy.config import Settings
 from proxy.errors import (
+    GatewayError,
     MethodNotAllowed,
     UpstreamError,
     UpstreamProtocolError,
@@ -177,14 +178,27 @@ class Chat:
             request_id=info.request_id,
         )
         request = orjson.dumps(payload)
+        ticket = None
+        if info.key is not None and info.key.policy:
+            try:
+                ticket = await self.relay.admit(info, body, "/chat/completions", payload)
+            except GatewayError as exc:
+                await exc.send(send)
+                return
+            if ticket is not None:
+                send = ticket.wrap(send)
 
         async def attempt() -> UpstreamResponse:
             info.attempts += 1
             return await upstream.send("POST", url, headers, request)
 
-        await self.relay.guard(
-            receive, info, lambda: self._exchange(send, attempt, info, payload["model"], stream)
-        )
+        try:
+            await self.relay.guard(
+                receive, info, lambda: self._exchange(send, attempt, info, payload["model"], stream)
+            )
+        finally:
+            if ticket is not None:
+                ticket.finish(info)
 
     async def _exchange(
         self,
@@ -227,6 +241,7 @@ class Chat:
     ) -> None:
         try:
             answer = translate_completion(await response.read(), model)
+            info.usage = (answer["usage"]["prompt_tokens"], answer["usage"]["completion_tokens"])
         except UpstreamError as exc:
             log.warning("upstream failed: %s (id=%s)", exc.message, info.request_id)
             info.note = exc.code or ""
@@ -247,6 +262,7 @@ class Chat:
             )
             async for chunk in response.chunks():
                 for event in decoder.feed(chunk):
+                    info.generated += 1
                     text = state.on_chunk(event.data)
                     if text is not None:
                         await send(
@@ -270,4 +286,6 @@ class Chat:
             tail = error_event(exc)
         finally:
             await response.aclose()
+            if state.usage is not None:
+                info.usage = (state.usage["prompt_tokens"], state.usage["completion_tokens"])
         await send({"type": "http.response.body", "body": tail, "more_body": False})

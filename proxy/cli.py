@@ -79,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
         "needed; VLLM_BASE_URL is ignored; VLLM_WRAPPER_DEMO)",
     )
     parser.add_argument(
+        "--config",
+        help="TOML configuration file: [[keys]], [limits], [state]... (VLLM_WRAPPER_CONFIG)",
+    )
+    parser.add_argument(
         "--log-level",
         help="critical, error, warning, info, debug (VLLM_WRAPPER_LOG_LEVEL, default info)",
     )
@@ -97,6 +101,8 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
         os.environ["VLLM_WRAPPER_LOG_LEVEL"] = args.log_level
     if args.demo:
         os.environ["VLLM_WRAPPER_DEMO"] = "true"
+    if args.config is not None:
+        os.environ["VLLM_WRAPPER_CONFIG"] = args.config
     return Settings.from_env()
 
 
@@ -138,6 +144,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ConfigError as exc:
         print(f"error: invalid setting {exc}", file=sys.stderr)
         sys.exit(2)
+    config = None
+    if settings.config_path:
+        from proxy.configfile import load
+
+        try:
+            config = load(settings.config_path)  # checked here: one line, then exit
+        except ConfigError as exc:
+            print(f"error: invalid configuration {exc}", file=sys.stderr)
+            sys.exit(2)
 
     import uvicorn
 
@@ -159,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     elif args.workers > 1:
         uvicorn.run("proxy.cli:worker_app", factory=True, workers=args.workers, **options)
     else:
-        app = create_app(settings)
+        app = create_app(settings, config)
         tune_gc()
         uvicorn.run(app, **options)
 

@@ -55,6 +55,8 @@ class Settings:
     graceful_timeout: float = 30.0
     demo: bool = False
     docs: bool = True
+    config_path: str = ""
+    redis_url: str = ""
 
     @classmethod
     def from_env(
@@ -223,6 +225,12 @@ def _paths(raw: str) -> tuple[str, ...]:
     return paths
 
 
+def _redis_url(raw: str) -> str:
+    if raw and not raw.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError("expected a redis://, rediss:// or unix:// URL")
+    return raw
+
+
 def _log_level(raw: str) -> str:
     low = raw.lower()
     if low not in ("critical", "error", "warning", "info", "debug", "trace"):
@@ -266,4 +274,6 @@ ENV_VARS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "VLLM_WRAPPER_GRACEFUL_TIMEOUT": ("graceful_timeout", _float_range(0.0)),
     "VLLM_WRAPPER_DEMO": ("demo", _bool),
     "VLLM_WRAPPER_DOCS": ("docs", _bool),
+    "VLLM_WRAPPER_CONFIG": ("config_path", str),
+    "VLLM_WRAPPER_REDIS_URL": ("redis_url", _redis_url),
 }

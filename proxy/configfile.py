@@ -21,8 +21,10 @@ tracks the key path, converts and checks values, and refuses keys nobody read.
 
 from __future__ import annotations
 
+import datetime
 import math
 import os
+import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -30,6 +32,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from proxy.config import ConfigError
+from proxy.keys import LIMIT_NAMES, NAME, KeySpec, LimitSpec, LimitsSpec, digest
+from proxy.state import StateSpec
 
 T = TypeVar("T")
 
@@ -244,6 +248,9 @@ class FileConfig:
     """Everything the configuration file says, checked. Built by :func:`load`."""
 
     path: str = ""
+    keys: tuple[KeySpec, ...] = ()
+    limits: LimitsSpec | None = None
+    state: StateSpec | None = None
 
 
 SectionParser = Callable[[Any], Any]
@@ -279,3 +286,117 @@ def load(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigFileError(name, "", f"invalid TOML: {exc}") from None
     return parse(data, file=name, environ=os.environ if environ is None else environ)
+
+
+# ---- [[keys]], [limits], [state] ----------------------------------------------------------
+
+
+def _limit_spec(t: Table) -> LimitSpec:
+    return LimitSpec(**{name: t.int(name, None, lo=1) for name in LIMIT_NAMES})
+
+
+def _expires(t: Table) -> float | None:
+    value = t.raw("expires", None)
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            raise t.error("expires", f"expected a date or date-time, got {_show(value)}") from None
+    if isinstance(value, datetime.datetime):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=datetime.UTC)
+        return value.timestamp()
+    if isinstance(value, datetime.date):
+        return datetime.datetime(
+            value.year, value.month, value.day, tzinfo=datetime.UTC
+        ).timestamp()
+    raise t.error("expires", f"expected a date or date-time, got {_show(value)}")
+
+
+def parse_keys(tables: list[Table]) -> tuple[KeySpec, ...]:
+    """``[[keys]]``: name, key / key_env / key_sha256, models, expires, admin, metrics, limits."""
+    specs: list[KeySpec] = []
+    names: dict[str, str] = {}
+    digests: dict[bytes, str] = {}
+    for t in tables:
+        name = t.str("name")
+        if not NAME.fullmatch(name):
+            raise t.error("name", "expected letters, digits, '_', '.', '@' or '-' (at most 64)")
+        if name.startswith("env-"):
+            raise t.error("name", "names env-1, env-2... are the VLLM_WRAPPER_API_KEY keys'")
+        if name in names:
+            raise t.error("name", f"{_show(name)} is already the name of {names[name]}")
+        names[name] = t.path
+        secret = t.secret("key")
+        hashed = t.str("key_sha256", None)
+        if (secret is None) == (hashed is None):
+            raise t.error(None, "give exactly one of key, key_env, key_sha256")
+        if hashed is not None:
+            if not re.fullmatch(r"[0-9a-fA-F]{64}", hashed):
+                raise t.error("key_sha256", "expected 64 hex digits (sha256 of the key)")
+            key_digest = bytes.fromhex(hashed)
+        else:
+            key_digest = digest(secret or "")
+        if key_digest in digests:
+            raise t.error(None, f"the same key as {digests[key_digest]}")
+        digests[key_digest] = t.path
+        models = t.str_list("models", None)
+        if models is not None and not models:
+            raise t.error("models", "must list at least one model (or be left out: any model)")
+        spec = KeySpec(
+            name=name,
+            digest=key_digest,
+            models=models,
+            expires=_expires(t),
+            admin=t.bool("admin", False),
+            metrics=t.bool("metrics", False),
+            limits=_limit_spec(t),
+        )
+        t.done()
+        specs.append(spec)
+    return tuple(specs)
+
+
+def parse_limits(t: Table) -> LimitsSpec:
+    """``[limits]``: default limits for every key, the estimate and the lease length."""
+    spec = LimitsSpec(
+        defaults=_limit_spec(t),
+        default_max_tokens=t.int("default_max_tokens", 1024, lo=1),
+        lease_seconds=t.float("lease_seconds", 30.0, lo=1.0, hi=3600.0),
+    )
+    t.done()
+    return spec
+
+
+_STATE = StateSpec()
+
+
+def parse_state(t: Table) -> StateSpec:
+    """``[state]``: backend, path, redis_url (or redis_url_env), on_error, timeout."""
+    url = t.secret("redis_url")
+    if url is not None and not url.startswith(("redis://", "rediss://", "unix://")):
+        raise t.error("redis_url", "expected a redis://, rediss:// or unix:// URL")
+    backend = t.choice("backend", ("memory", "sqlite", "redis"), "")
+    if backend == "redis" and url is None:
+        raise t.error("backend", 'backend = "redis" needs redis_url (or VLLM_WRAPPER_REDIS_URL)')
+    spec = StateSpec(
+        backend=backend,
+        path=t.str("path", _STATE.path),
+        redis_url=url or "",
+        on_error=t.choice("on_error", ("open", "closed"), "open"),
+        timeout=t.float("timeout", _STATE.timeout, lo=0.01, hi=10.0),
+        max_bytes=t.int("max_bytes", _STATE.max_bytes, lo=1024),
+    )
+    t.done()
+    return spec
+
+
+SECTIONS.update(
+    {
+        "keys": ("keys", parse_keys, "array"),
+        "limits": ("limits", parse_limits, "table"),
+        "state": ("state", parse_state, "table"),
+    }
+)

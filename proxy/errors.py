@@ -7,11 +7,15 @@
     │   ├── BadRequest              400
     │   ├── Unauthorized            401   authentication_error
     │   ├── Forbidden               403   permission_error
+    │   │   └── ModelNotAllowed     403   (code model_not_allowed: the key's models list)
     │   ├── NotFound                404
     │   ├── RequestTimeout          408   (request body too slow)
     │   ├── PayloadTooLarge         413
     │   ├── URITooLong              414
-    │   └── HeadersTooLarge         431
+    │   ├── HeadersTooLarge         431
+    │   └── RateLimited             429   requests | tokens (code rate_limit_exceeded)
+    │       └── QuotaExceeded       429   insufficient_quota (not retryable)
+    ├── StateUnavailableError       503   state_unavailable ([state] on_error = "closed")
     └── UpstreamError               5xx   (the upstream failed us; raised by proxy.upstream)
         ├── UpstreamUnavailable     503   connection refused/reset, or 502/503/429 after retries
         │   └── PoolExhausted       503   no free upstream connection in time
@@ -25,6 +29,7 @@ place, :mod:`proxy.upstream`. Everything is rendered by :func:`error_body`.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import orjson
 
@@ -110,6 +115,37 @@ class URITooLong(ClientError):
 class HeadersTooLarge(ClientError):
     status = 431
     code = "request_headers_too_large"
+
+
+class ModelNotAllowed(Forbidden):
+    code = "model_not_allowed"
+
+
+class RateLimited(ClientError):
+    """429 for rpm / tpm / max_parallel; ``type`` is ``requests`` or ``tokens`` (as OpenAI)."""
+
+    status = 429
+    type = "requests"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, type: str = "requests", **kw: Any) -> None:
+        super().__init__(message, **kw)
+        self.type = type
+
+
+class QuotaExceeded(RateLimited):
+    status = 429
+    type = "insufficient_quota"
+    code = "insufficient_quota"
+
+    def __init__(self, message: str, **kw: Any) -> None:
+        super().__init__(message, type="insufficient_quota", **kw)
+
+
+class StateUnavailableError(GatewayError):
+    status = 503
+    type = "server_error"
+    code = "state_unavailable"
 
 
 class UpstreamError(GatewayError):

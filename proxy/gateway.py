@@ -14,6 +14,7 @@ no lifespan events of its own; the host runs them with :func:`lifespan`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
@@ -31,13 +32,17 @@ from proxy.asgi import ASGIApp, Receive, Scope, Send, route_path
 from proxy.auth import BearerAuthMiddleware
 from proxy.chat import Chat
 from proxy.config import Settings
+from proxy.configfile import FileConfig, load
 from proxy.docs import ASSET_PREFIX, PUBLIC_PATHS, Docs
 from proxy.errors import error_body
 from proxy.exposure import Exposure
 from proxy.health import Health, Models
 from proxy.inflight import InFlight, InFlightMiddleware
+from proxy.keys import Keys
+from proxy.limits import Limiter, UsageEndpoint
 from proxy.passthrough import Passthrough, Relay
 from proxy.retry import RetryPolicy
+from proxy.state import StateSpec
 from proxy.upstream import Upstream
 
 log = logging.getLogger(__name__)
@@ -109,12 +114,25 @@ def lifespan(gateway: Starlette) -> AbstractAsyncContextManager[None]:
     return gateway.router.lifespan_context(gateway)
 
 
-def create_app(settings: Settings | None = None) -> Starlette:
-    """Build the gateway from ``settings`` (default: from the environment and ``.env``)."""
+def state_spec(settings: Settings, config: FileConfig) -> StateSpec:
+    """``[state]``, with ``VLLM_WRAPPER_REDIS_URL`` winning over the file."""
+    spec = config.state or StateSpec()
+    if settings.redis_url:
+        spec = dataclasses.replace(spec, backend="redis", redis_url=settings.redis_url)
+    return spec
+
+
+def create_app(settings: Settings | None = None, config: FileConfig | None = None) -> Starlette:
+    """Build the gateway from ``settings`` (default: from the environment and ``.env``)
+    and the configuration file (``config``, else the file ``settings.config_path`` names)."""
     if settings is None:
         settings = Settings.from_env()
+    if config is None:
+        config = load(settings.config_path) if settings.config_path else FileConfig()
+    keys = Keys.build(settings.wrapper_api_key, config.keys, config.limits)
+    limiter = Limiter(keys, state_spec(settings, config))
     upstream = Upstream(settings)
-    relay = Relay(upstream, RetryPolicy.from_settings(settings), settings)
+    relay = Relay(upstream, RetryPolicy.from_settings(settings), settings, limiter)
     exposure = Exposure(
         settings.extra_paths, proxy_all=settings.proxy_all, allow_admin=settings.allow_admin
     )
@@ -124,6 +142,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/health", Health(upstream, settings)),
         Route("/models", Models(relay)),
         Route("/chat", Chat(relay, settings)),
+        Route("/usage", UsageEndpoint(keys, limiter)),
         # /v1/... goes through V1Lane below; bare /v1 gets a 404 of ours, not a redirect.
         Route("/v1", passthrough),
     ]
@@ -155,16 +174,19 @@ def create_app(settings: Settings | None = None) -> Starlette:
             )
         )
     middleware += [
-        Middleware(BearerAuthMiddleware, api_key=settings.wrapper_api_key, exempt=public),
+        Middleware(BearerAuthMiddleware, keys=keys, exempt=public),
         Middleware(V1Lane, v1=passthrough),
     ]
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with upstream:
-            yield
-            # Requests the server has not finished (or has just cancelled) end first.
-            await inflight.wait_idle(settings.graceful_timeout)
+            try:
+                yield
+                # Requests the server has not finished (or has just cancelled) end first.
+                await inflight.wait_idle(settings.graceful_timeout)
+            finally:
+                await limiter.aclose()
 
     app = Starlette(
         routes=routes,
@@ -174,4 +196,6 @@ def create_app(settings: Settings | None = None) -> Starlette:
     )
     app.state.settings = settings  # for introspection only; handlers get theirs passed in
     app.state.upstream = upstream
+    app.state.keys = keys  # reload: keys.apply(settings.wrapper_api_key, new_config)
+    app.state.limiter = limiter
     return app

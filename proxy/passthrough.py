@@ -14,13 +14,14 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 from urllib.parse import quote
 
 from proxy.accesslog import RequestInfo, request_info
 from proxy.asgi import Receive, Scope, Send, route_path
 from proxy.body import ClientDisconnected, check_head, read_body, wait_disconnect
 from proxy.config import Settings
-from proxy.errors import ClientError, UpstreamError
+from proxy.errors import ClientError, GatewayError, UpstreamError
 from proxy.exposure import Exposure
 from proxy.headers import (
     HeaderList,
@@ -28,6 +29,7 @@ from proxy.headers import (
     get_header,
     upstream_request_headers,
 )
+from proxy.limits import Limiter, Ticket
 from proxy.retry import RetryPolicy, send_with_retry
 from proxy.upstream import Upstream, UpstreamResponse
 
@@ -39,9 +41,16 @@ _PATH_SAFE = "/:@!$&'()*+,;=-._~"
 class Relay:
     """Send one buffered request upstream (with retries) and stream the answer to the client."""
 
-    def __init__(self, upstream: Upstream, policy: RetryPolicy, settings: Settings) -> None:
+    def __init__(
+        self,
+        upstream: Upstream,
+        policy: RetryPolicy,
+        settings: Settings,
+        limiter: Limiter | None = None,
+    ) -> None:
         self.upstream = upstream
         self.policy = policy
+        self.limiter = limiter
         self.api_key = settings.api_key.encode()
         self.max_body = settings.max_body_bytes
         self.body_timeout = settings.body_timeout
@@ -54,6 +63,15 @@ class Relay:
         body = await self.read_request(scope, receive, send, info)
         if body is None:
             return
+        ticket = None
+        if info.key is not None and info.key.policy:
+            try:
+                ticket = await self.admit(info, body, path)
+            except GatewayError as exc:
+                await exc.send(send)
+                return
+            if ticket is not None:
+                body, send = ticket.body, ticket.wrap(send)
         headers = upstream_request_headers(
             scope["headers"], api_key=self.api_key, request_id=info.request_id
         )
@@ -64,7 +82,22 @@ class Relay:
             info.attempts += 1
             return await self.upstream.send(method, url, headers, body)
 
-        await self.guard(receive, info, lambda: self._exchange(send, attempt, info))
+        try:
+            await self.guard(receive, info, lambda: self._exchange(send, attempt, info, ticket))
+        finally:
+            if ticket is not None:
+                ticket.finish(info)
+
+    async def admit(
+        self, info: RequestInfo, body: bytes, path: str, parsed: dict[str, Any] | None = None
+    ) -> Ticket | None:
+        """The caller's key's model list and limits (:class:`Limiter`); raises the client's
+        error (403, 429, 503). Call only for a key with ``policy``; ``path`` is upstream's."""
+        if self.limiter is None:
+            return None
+        if parsed is None:
+            parsed = info.json_body(body)
+        return await self.limiter.admit(info.key, info, body, path, parsed)
 
     async def read_request(
         self, scope: Scope, receive: Receive, send: Send, info: RequestInfo
@@ -134,6 +167,7 @@ class Relay:
         send: Send,
         attempt: Callable[[], Awaitable[UpstreamResponse]],
         info: RequestInfo,
+        ticket: Ticket | None = None,
     ) -> bool:
         """Returns True when the response was sent completely."""
         try:
@@ -142,13 +176,17 @@ class Relay:
             await exc.send(send)
             return True
         headers = client_response_headers(response.headers)
-        if not is_event_stream(headers):
+        stream = is_event_stream(headers)
+        if not stream:
             headers.append(server_timing(info, time.perf_counter()))
+        chunks = response.chunks()
+        if ticket is not None and response.status == 200:
+            chunks = ticket.meter(info, stream=stream).relay(chunks)
         try:
             await send(
                 {"type": "http.response.start", "status": response.status, "headers": headers}
             )
-            async for chunk in response.chunks():
+            async for chunk in chunks:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             return True

@@ -176,7 +176,7 @@ def tokens_needed(entries: Sequence[tuple[float, int]], used: int, need: int, li
 class StateSpec:
     """Which backend to open, from ``[state]`` and ``VLLM_WRAPPER_REDIS_URL``."""
 
-    backend: str = "sqlite"  # memory | sqlite | redis
+    backend: str = ""  # memory | sqlite | redis; "" = redis when a URL is given, else sqlite
     path: str = "vllm-wrapper-state.db"
     redis_url: str = ""
     timeout: float = 0.25
@@ -190,7 +190,7 @@ def open_state(spec: StateSpec) -> State:
         from proxy.state.memory import MemoryState
 
         return MemoryState(max_bytes=spec.max_bytes)
-    if spec.backend == "redis":
+    if spec.backend == "redis" or (not spec.backend and spec.redis_url):
         from proxy.state.redis import RedisState
 
         return RedisState(spec.redis_url, timeout=spec.timeout)
