@@ -17,7 +17,7 @@ from proxy.state import COUNTER, LEASE, WINDOW, Claim, Outcome, tokens_needed
 
 # How long a request id's outcome is remembered (a retried command within this time
 # sees the first outcome).
-MARK_SECONDS = 600.0
+MARK_SECONDS = 30.0
 
 
 class LocalLimits:
@@ -31,8 +31,13 @@ class LocalLimits:
     def mark_set(self, name: str, value: bytes, expires: float) -> None:
         raise NotImplementedError
 
-    def win_entries(self, key: str, since: float) -> list[tuple[float, int]]:
-        """Entries newer than ``since`` as (time, amount), oldest first; older ones dropped."""
+    def win_use(self, key: str, since: float) -> tuple[int, float | None]:
+        """Drop entries not newer than ``since``; the sum of the rest and the oldest time.
+        Kept as a running sum, so this costs O(entries dropped), not O(window)."""
+        raise NotImplementedError
+
+    def win_entries(self, key: str) -> list[tuple[float, int]]:
+        """The window's entries as (time, amount), oldest first (only when refusing)."""
         raise NotImplementedError
 
     def win_add(self, key: str, member: str, t: float, amount: int, expires: float) -> None:
@@ -63,11 +68,13 @@ class LocalLimits:
     def _use(self, claim: Claim, now: float, rid: str) -> tuple[int, float, float]:
         """(used, reset seconds, retry-after seconds for ``claim.required`` more)."""
         if claim.kind == WINDOW:
-            entries = self.win_entries(claim.key, now - claim.seconds)
-            used = sum(a for _, a in entries)
-            reset = entries[0][0] + claim.seconds - now if entries else 0.0
-            when = tokens_needed(entries, used, claim.required, claim.limit)
-            retry = max(when + claim.seconds - now, 0.0)
+            used, oldest = self.win_use(claim.key, now - claim.seconds)
+            reset = oldest + claim.seconds - now if oldest is not None else 0.0
+            retry = 0.0
+            if used + claim.required > claim.limit:
+                entries = self.win_entries(claim.key)
+                when = tokens_needed(entries, used, claim.required, claim.limit)
+                retry = max(when + claim.seconds - now, 0.0)
             return used, max(reset, 0.0), retry
         if claim.kind == COUNTER:
             return self.ctr_get(claim.key, now), claim.seconds, claim.seconds

@@ -10,6 +10,16 @@ from proxy.state import Claim, Outcome
 from proxy.state.local import LocalLimits
 
 
+class _Window:
+    """A sliding window's entries (member -> [time, amount], oldest first) and their sum."""
+
+    __slots__ = ("entries", "total")
+
+    def __init__(self) -> None:
+        self.entries: dict[str, list[float]] = {}
+        self.total = 0.0
+
+
 class MemoryState(LocalLimits):
     """Dicts in this process. Every method runs without awaiting, so it is atomic on the
     event loop. Key-value entries are bounded by ``max_bytes`` (least recently used go)."""
@@ -20,7 +30,7 @@ class MemoryState(LocalLimits):
         self.max_bytes = max_bytes
         self.clock = clock
         self._marks: dict[str, tuple[bytes, float]] = {}
-        self._windows: dict[str, dict[str, list[float]]] = {}  # key -> member -> [t, amount]
+        self._windows: dict[str, _Window] = {}
         self._counters: dict[str, list[float]] = {}  # key -> [value, expires]
         self._leases: dict[str, dict[str, float]] = {}
         self._kv: OrderedDict[str, tuple[bytes, float]] = OrderedDict()
@@ -51,23 +61,43 @@ class MemoryState(LocalLimits):
         for name in [k for k, (_, exp) in self._indexes.items() if exp <= now]:
             del self._indexes[name]
 
-    def win_entries(self, key: str, since: float) -> list[tuple[float, int]]:
-        entries = self._windows.get(key)
-        if not entries:
-            return []
-        for m in [m for m, (t, _) in entries.items() if t <= since]:
-            del entries[m]
+    def win_use(self, key: str, since: float) -> tuple[int, float | None]:
+        window = self._windows.get(key)
+        if window is None:
+            return 0, None
+        entries = window.entries
+        # Insertion order is time order (one process, one clock): drop from the front.
+        while entries:
+            member = next(iter(entries))
+            t, amount = entries[member]
+            if t > since:
+                break
+            del entries[member]
+            window.total -= amount
         if not entries:
             del self._windows[key]
-            return []
-        return sorted((t, int(a)) for t, a in entries.values())
+            return 0, None
+        return int(window.total), entries[next(iter(entries))][0]
+
+    def win_entries(self, key: str) -> list[tuple[float, int]]:
+        window = self._windows.get(key)
+        return [] if window is None else [(t, int(a)) for t, a in window.entries.values()]
 
     def win_add(self, key: str, member: str, t: float, amount: int, expires: float) -> None:
-        self._windows.setdefault(key, {})[member] = [t, amount]
+        window = self._windows.get(key)
+        if window is None:
+            window = self._windows[key] = _Window()
+        old = window.entries.pop(member, None)
+        if old is not None:
+            window.total -= old[1]
+        window.entries[member] = [t, amount]
+        window.total += amount
 
     def win_set(self, key: str, member: str, amount: int) -> None:
-        entry = self._windows.get(key, {}).get(member)
-        if entry is not None:
+        window = self._windows.get(key)
+        entry = None if window is None else window.entries.get(member)
+        if window is not None and entry is not None:
+            window.total += amount - entry[1]
             entry[1] = amount
 
     def ctr_get(self, key: str, now: float) -> int:

@@ -3,7 +3,7 @@
 Every operation that reads and then writes is one Lua script, so it is atomic in
 Redis, and the clock is Redis's own (``TIME``), so hosts need not agree on the
 time. ``reserve`` and ``settle`` remember their outcome under the request id
-(``mark:r:<rid>``, ``mark:s:<rid>``, ten minutes): redis-py retries a command
+(``mark:r:<rid>``, ``mark:s:<rid>``, 30 s): redis-py retries a command
 after a timeout, and a repeat must not charge twice. Timeouts are short
 (``[state] timeout``, default 0.25 s) so a slow Redis cannot stall a request for
 long; failures become :class:`StateUnavailable`. The client reconnects by
@@ -30,7 +30,7 @@ from redis.retry import Retry
 from proxy.state import Claim, Outcome, StateUnavailable
 
 PREFIX = "vw:"
-MARK_MS = 600_000
+MARK_MS = 30_000
 
 _COMMON = """
 local t = redis.call('TIME')

@@ -28,6 +28,7 @@ CREATE TABLE IF NOT EXISTS windows(
     key TEXT, member TEXT, t REAL, amount INTEGER, expires REAL, PRIMARY KEY(key, member)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS windows_t ON windows(key, t);
+CREATE TABLE IF NOT EXISTS wsum(key TEXT PRIMARY KEY, total INTEGER) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS counters(key TEXT PRIMARY KEY, value INTEGER, expires REAL)
     WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS leases(key TEXT, member TEXT, expires REAL, PRIMARY KEY(key, member))
@@ -105,8 +106,15 @@ class SQLiteState(LocalLimits):
 
     @staticmethod
     def _sweep(db: sqlite3.Connection, now: float) -> None:
-        for table in ("marks", "windows", "counters", "leases", "kv", "locks"):
+        for table in ("marks", "counters", "leases", "kv", "locks"):
             db.execute(f"DELETE FROM {table} WHERE expires <= ?", (now,))
+        # Windows nobody asked about lately: drop old entries, then re-add the sums.
+        if db.execute("DELETE FROM windows WHERE expires <= ?", (now,)).rowcount:
+            db.execute(
+                "UPDATE wsum SET total=(SELECT COALESCE(SUM(amount),0) FROM windows w "
+                "WHERE w.key=wsum.key)"
+            )
+            db.execute("DELETE FROM wsum WHERE total=0")
         db.execute(
             "DELETE FROM idx WHERE name IN (SELECT name FROM idx_meta WHERE expires <= ?)", (now,)
         )
@@ -134,18 +142,48 @@ class SQLiteState(LocalLimits):
     def mark_set(self, name: str, value: bytes, expires: float) -> None:
         self._exec("INSERT OR REPLACE INTO marks VALUES (?,?,?)", (name, value, expires))
 
-    def win_entries(self, key: str, since: float) -> list[tuple[float, int]]:
+    def win_use(self, key: str, since: float) -> tuple[int, float | None]:
         db = self._connect()
-        db.execute("DELETE FROM windows WHERE key=? AND t<=?", (key, since))
-        return db.execute("SELECT t, amount FROM windows WHERE key=? ORDER BY t", (key,)).fetchall()
+        gone, count = db.execute(
+            "SELECT COALESCE(SUM(amount),0), COUNT(*) FROM windows WHERE key=? AND t<=?",
+            (key, since),
+        ).fetchone()
+        if count:
+            db.execute("DELETE FROM windows WHERE key=? AND t<=?", (key, since))
+            db.execute("UPDATE wsum SET total=total-? WHERE key=?", (gone, key))
+        oldest = self._one("SELECT MIN(t) FROM windows WHERE key=?", (key,))
+        if oldest is None:
+            db.execute("DELETE FROM wsum WHERE key=?", (key,))
+            return 0, None
+        return int(self._one("SELECT total FROM wsum WHERE key=?", (key,)) or 0), oldest
+
+    def win_entries(self, key: str) -> list[tuple[float, int]]:
+        return (
+            self._connect()
+            .execute("SELECT t, amount FROM windows WHERE key=? ORDER BY t", (key,))
+            .fetchall()
+        )
+
+    def _wsum_add(self, key: str, delta: int) -> None:
+        self._exec(
+            "INSERT INTO wsum VALUES (?,?) ON CONFLICT(key) DO UPDATE SET total=total+?",
+            (key, delta, delta),
+        )
 
     def win_add(self, key: str, member: str, t: float, amount: int, expires: float) -> None:
+        old = self._one("SELECT amount FROM windows WHERE key=? AND member=?", (key, member))
         self._exec(
             "INSERT OR REPLACE INTO windows VALUES (?,?,?,?,?)", (key, member, t, amount, expires)
         )
+        self._wsum_add(key, amount - (old or 0))
 
     def win_set(self, key: str, member: str, amount: int) -> None:
-        self._exec("UPDATE windows SET amount=? WHERE key=? AND member=?", (amount, key, member))
+        old = self._one("SELECT amount FROM windows WHERE key=? AND member=?", (key, member))
+        if old is not None:
+            self._exec(
+                "UPDATE windows SET amount=? WHERE key=? AND member=?", (amount, key, member)
+            )
+            self._wsum_add(key, amount - old)
 
     def ctr_get(self, key: str, now: float) -> int:
         value = self._one("SELECT value FROM counters WHERE key=? AND expires>?", (key, now))
