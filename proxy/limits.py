@@ -167,7 +167,17 @@ def ratelimit_headers(claims: Sequence[Claim], used: Sequence[int], reset: Seque
 class Ticket:
     """An admitted request's reservation: headers to send, usage to read, a charge to correct."""
 
-    __slots__ = ("_renewer", "body", "claims", "headers", "limiter", "prompt", "rid", "strip")
+    __slots__ = (
+        "_lease",
+        "_renewer",
+        "body",
+        "claims",
+        "headers",
+        "limiter",
+        "prompt",
+        "rid",
+        "strip",
+    )
 
     def __init__(
         self,
@@ -186,10 +196,19 @@ class Ticket:
         self.prompt = prompt
         self.body = body
         self.strip = strip
-        self._renewer: asyncio.Task[None] | None = None
-        lease = [c for c in claims if c.kind == LEASE]
-        if lease:
-            self._renewer = asyncio.ensure_future(limiter.renew_while_running(rid, lease))
+        self._renewer: asyncio.TimerHandle | None = None
+        self._lease = [c for c in claims if c.kind == LEASE]
+        if self._lease:
+            self._schedule()
+
+    def _schedule(self) -> None:
+        # A timer, not a task per request: most requests end before it fires.
+        every = min(c.seconds for c in self._lease) / 3
+        self._renewer = asyncio.get_running_loop().call_later(every, self._renew)
+
+    def _renew(self) -> None:
+        self.limiter.run_later(self.limiter.renew(self.rid, self._lease))
+        self._schedule()
 
     def wrap(self, send: Send) -> Send:
         """``send`` that adds the rate-limit headers to the response start."""
@@ -299,19 +318,20 @@ class Limiter:
             strip = True
         return Ticket(self, rid, claims, headers, len(body) // 4, body, strip)
 
-    async def renew_while_running(self, rid: str, claims: list[Claim]) -> None:
-        every = min(c.seconds for c in claims) / 3
-        while True:
-            await asyncio.sleep(every)
-            try:
-                await self.state.renew(rid, claims)
-            except StateUnavailable as exc:
-                self._failed(exc)
+    async def renew(self, rid: str, claims: list[Claim]) -> None:
+        try:
+            await self.state.renew(rid, claims)
+        except StateUnavailable as exc:
+            self._failed(exc)
 
-    def settle_later(self, rid: str, claims: list[Claim], actual: list[int]) -> None:
-        task = asyncio.ensure_future(self._settle(rid, claims, actual))
+    def run_later(self, work: Any) -> None:
+        """Run a coroutine in the background, kept until done (``aclose`` waits for it)."""
+        task = asyncio.ensure_future(work)
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
+
+    def settle_later(self, rid: str, claims: list[Claim], actual: list[int]) -> None:
+        self.run_later(self._settle(rid, claims, actual))
 
     async def _settle(self, rid: str, claims: list[Claim], actual: list[int]) -> None:
         try:

@@ -236,14 +236,18 @@ def test_a_killed_gateway_leaves_no_slot_locked(
                     headers={**auth(A), "x-sim-token-delay": "0.05"},
                     timeout=30,
                 ) as r:
-                    for _ in r.iter_bytes():
-                        started.set()
+                    events = 0
+                    for line in r.iter_lines():
+                        events += line.startswith("data: ")
+                        if events >= 60:  # >= 3 s of tokens: longer than the 2 s lease
+                            started.set()
             except httpx.HTTPError:
                 pass
 
         holder = threading.Thread(target=hold)
         holder.start()
-        assert started.wait(10)
+        assert started.wait(20)
+        # The slot outlived its 2 s lease: the running gateway renewed it.
         busy = httpx.post(survivor.url + "/v1/chat/completions", json=chat(1), headers=auth(A))
         assert busy.status_code == 429
         doomed.send_signal(signal.SIGKILL)
