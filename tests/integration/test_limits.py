@@ -189,7 +189,7 @@ def test_max_parallel_two_of_ten_streams(sim: Sim, tmp_path: Path) -> None:
                 "POST",
                 gw.url + "/v1/chat/completions",
                 json=chat(20, stream=True),
-                headers={**auth(A), "x-sim-token-delay": "0.05"},
+                headers={**auth(A), "x-sim-token-delay": "0.05", "x-sim-tokens": "20"},
                 timeout=30,
             ) as r:
                 r.read()
@@ -233,7 +233,7 @@ def test_a_killed_gateway_leaves_no_slot_locked(
                     "POST",
                     doomed.url + "/v1/chat/completions",
                     json=chat(400, stream=True),
-                    headers={**auth(A), "x-sim-token-delay": "0.05"},
+                    headers={**auth(A), "x-sim-token-delay": "0.05", "x-sim-tokens": "400"},
                     timeout=30,
                 ) as r:
                     events = 0
@@ -363,7 +363,7 @@ def test_openai_sdk_backs_off_and_succeeds(sim: Sim, tmp_path: Path) -> None:
                 "POST",
                 gw.url + "/v1/chat/completions",
                 json=chat(30, stream=True),
-                headers={**auth(A), "x-sim-token-delay": "0.05"},
+                headers={**auth(A), "x-sim-token-delay": "0.05", "x-sim-tokens": "30"},
                 timeout=30,
             ) as r:
                 for _ in r.iter_bytes():
