@@ -499,3 +499,47 @@ def test_redis_stopped_and_started_again(sim: Sim, tmp_path: Path, on_error: str
             assert usage(gw, A)["usage"]["requests_per_minute"] >= 1  # counting again
     finally:
         redis.__exit__()
+
+
+def test_a_slow_redis_does_not_stall_requests(sim: Sim, tmp_path: Path) -> None:
+    import socket
+
+    redis = RedisServer().start()
+    config = write_config(
+        tmp_path,
+        key_toml("team-a", A, "rpm = 1000"),
+        state=f'[state]\nredis_url = "{redis.url}"\ntimeout = 0.2\n',
+    )
+    try:
+        with start(sim, config) as gw:
+            url = gw.url + "/v1/chat/completions"
+            assert httpx.post(url, json=chat(1), headers=auth(A)).status_code == 200
+
+            def stall() -> None:  # Redis answers nothing for 8 s
+                with socket.create_connection(("127.0.0.1", redis.port), timeout=30) as s:
+                    s.sendall(b"DEBUG SLEEP 8\r\n")
+                    s.recv(16)
+
+            sleeper = threading.Thread(target=stall)
+            sleeper.start()
+
+            def asleep() -> bool:  # a PING goes unanswered once the DEBUG SLEEP runs
+                with socket.create_connection(("127.0.0.1", redis.port), timeout=5) as s:
+                    s.settimeout(0.1)
+                    s.sendall(b"PING\r\n")
+                    try:
+                        return not s.recv(16)
+                    except TimeoutError:
+                        return True
+
+            eventually(asleep, timeout=5)
+            statuses = [
+                httpx.post(url, json=chat(1), headers=auth(A), timeout=30).status_code
+                for _ in range(3)
+            ]
+            # All answered (admitted: on_error = "open") while Redis was still asleep.
+            assert sleeper.is_alive()
+            assert statuses == [200, 200, 200]
+            sleeper.join(30)
+    finally:
+        redis.__exit__()
