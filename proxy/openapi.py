@@ -199,6 +199,50 @@ def build_openapi(settings: Settings, root_path: str = "") -> dict[str, Any]:
                     },
                 }
             },
+            "/usage": {
+                "get": {
+                    "tags": ["Operations"],
+                    "summary": "The calling key's limits and use (an admin key: every key)",
+                    "parameters": [
+                        {
+                            "name": "key",
+                            "in": "query",
+                            "required": False,
+                            "schema": {"type": "string"},
+                            "description": "Admin keys only: one key's name",
+                        }
+                    ],
+                    "responses": {
+                        "200": {
+                            "description": "Limits, window counts and quota use per key",
+                            "content": _json(
+                                {"type": "object"},
+                                {
+                                    "object": "usage",
+                                    "keys": [
+                                        {
+                                            "name": "team-a",
+                                            "limits": {"rpm": 60, "daily_tokens": 100000},
+                                            "usage": {
+                                                "requests_per_minute": 3,
+                                                "tokens_today": 412,
+                                            },
+                                            "resets": {
+                                                "requests_per_minute": "41.2s",
+                                                "tokens_today": "4h41m23s",
+                                            },
+                                        }
+                                    ],
+                                },
+                            ),
+                        },
+                        "401": _ERRORS["401"],
+                        "403": _error("Another key's usage, asked by a key that is not admin"),
+                        "404": _error("No key of that name"),
+                        "503": _error("The shared state is unavailable"),
+                    },
+                }
+            },
             "/v1/chat/completions": {
                 "post": _passthrough(
                     "OpenAI chat completions",
