@@ -33,6 +33,7 @@ class RequestInfo:
     __slots__ = (
         "_json",
         "attempts",
+        "cache",
         "generated",
         "key",
         "model",
@@ -57,6 +58,8 @@ class RequestInfo:
         self.model: str | None = None
         self.usage: tuple[int, int] | None = None
         self.generated = 0
+        # The response cache's verdict (HIT, MISS, BYPASS) when the cache is on.
+        self.cache: str | None = None
 
     def json_body(self, body: bytes) -> dict[str, Any] | None:
         """The request body's top-level JSON object, parsed at most once per request.

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from proxy.cache import CacheSpec
 from proxy.config import ConfigError
 from proxy.keys import LIMIT_NAMES, NAME, KeySpec, LimitSpec, LimitsSpec, digest
 from proxy.state import StateSpec
@@ -251,6 +252,7 @@ class FileConfig:
     keys: tuple[KeySpec, ...] = ()
     limits: LimitsSpec | None = None
     state: StateSpec | None = None
+    cache: CacheSpec | None = None
 
 
 SectionParser = Callable[[Any], Any]
@@ -393,10 +395,32 @@ def parse_state(t: Table) -> StateSpec:
     return spec
 
 
+_CACHE = CacheSpec()
+
+
+def parse_cache(t: Table) -> CacheSpec:
+    """``[cache]``: enabled, shared, ttl, max_bytes, max_entry_bytes and idempotency."""
+    spec = CacheSpec(
+        enabled=t.bool("enabled", _CACHE.enabled),
+        shared=t.bool("shared", _CACHE.shared),
+        ttl=t.float("ttl", _CACHE.ttl, lo=1.0),
+        max_bytes=t.int("max_bytes", _CACHE.max_bytes, lo=1024),
+        max_entry_bytes=t.int("max_entry_bytes", _CACHE.max_entry_bytes, lo=1024),
+        idempotency=t.bool("idempotency", _CACHE.idempotency),
+        idempotency_ttl=t.float("idempotency_ttl", _CACHE.idempotency_ttl, lo=1.0),
+        idempotency_lease=t.float("idempotency_lease", _CACHE.idempotency_lease, lo=1.0),
+    )
+    if spec.max_entry_bytes > spec.max_bytes:
+        raise t.error("max_entry_bytes", f"must not exceed max_bytes ({spec.max_bytes})")
+    t.done()
+    return spec
+
+
 SECTIONS.update(
     {
         "keys": ("keys", parse_keys, "array"),
         "limits": ("limits", parse_limits, "table"),
         "state": ("state", parse_state, "table"),
+        "cache": ("cache", parse_cache, "table"),
     }
 )

@@ -12,6 +12,8 @@
     │   ├── RequestTimeout          408   (request body too slow)
     │   ├── PayloadTooLarge         413
     │   ├── URITooLong              414
+    │   ├── Conflict                409   (idempotency_in_progress: the first attempt still runs)
+    │   ├── Unprocessable           422   (idempotency_key_reused: same key, another body)
     │   ├── HeadersTooLarge         431
     │   └── RateLimited             429   requests | tokens (code rate_limit_exceeded)
     │       └── QuotaExceeded       429   insufficient_quota (not retryable)
@@ -115,6 +117,16 @@ class URITooLong(ClientError):
 class HeadersTooLarge(ClientError):
     status = 431
     code = "request_headers_too_large"
+
+
+class Conflict(ClientError):
+    status = 409
+    code = "conflict"
+
+
+class Unprocessable(ClientError):
+    status = 422
+    code = "unprocessable"
 
 
 class ModelNotAllowed(Forbidden):

@@ -30,6 +30,7 @@ from starlette.routing import Route
 from proxy.accesslog import AccessLogMiddleware
 from proxy.asgi import ASGIApp, Receive, Scope, Send, route_path
 from proxy.auth import BearerAuthMiddleware
+from proxy.cache import CacheSpec, ChatCache, ResponseCache, Responses
 from proxy.chat import Chat
 from proxy.config import Settings
 from proxy.configfile import FileConfig, load
@@ -37,12 +38,14 @@ from proxy.docs import ASSET_PREFIX, PUBLIC_PATHS, Docs
 from proxy.errors import error_body
 from proxy.exposure import Exposure
 from proxy.health import Health, Models
+from proxy.idempotency import Idempotency
 from proxy.inflight import InFlight, InFlightMiddleware
 from proxy.keys import Keys
 from proxy.limits import Limiter, UsageEndpoint
 from proxy.passthrough import Passthrough, Relay
 from proxy.retry import RetryPolicy
-from proxy.state import StateSpec
+from proxy.state import StateSpec, open_state
+from proxy.state.memory import MemoryState
 from proxy.upstream import Upstream
 
 log = logging.getLogger(__name__)
@@ -122,6 +125,36 @@ def state_spec(settings: Settings, config: FileConfig) -> StateSpec:
     return spec
 
 
+def build_responses(settings: Settings, spec: CacheSpec, state: StateSpec) -> Responses | None:
+    """The cache-and-idempotency stage, or None when both are off (then it costs nothing).
+
+    The cache lives in this process's memory (an LRU bounded by ``[cache] max_bytes``)
+    unless the state is Redis, which then holds it for every gateway (bounded by
+    ``ttl``); idempotency records live in the ``[state]`` backend, so ``--workers`` and
+    replicas sharing it see each other's keys.
+    """
+    if not spec.enabled and not spec.idempotency:
+        return None
+    redis = state.backend == "redis" or (not state.backend and bool(state.redis_url))
+    shared = open_state(state) if redis or spec.idempotency else None
+    states = (shared,) if shared is not None else ()
+    cache = None
+    if spec.enabled:
+        store = shared if redis and shared is not None else MemoryState(max_bytes=spec.max_bytes)
+        cache = ResponseCache(spec, store)
+    idempotency = None
+    if spec.idempotency and shared is not None:
+        idempotency = Idempotency(shared, ttl=spec.idempotency_ttl, lease=spec.idempotency_lease)
+    return Responses(
+        spec,
+        cache,
+        idempotency,
+        default_model=settings.model,
+        chat_temperature=settings.default_temperature,
+        states=states,
+    )
+
+
 def create_app(settings: Settings | None = None, config: FileConfig | None = None) -> Starlette:
     """Build the gateway from ``settings`` (default: from the environment and ``.env``)
     and the configuration file (``config``, else the file ``settings.config_path`` names)."""
@@ -130,18 +163,23 @@ def create_app(settings: Settings | None = None, config: FileConfig | None = Non
     if config is None:
         config = load(settings.config_path) if settings.config_path else FileConfig()
     keys = Keys.build(settings.wrapper_api_key, config.keys, config.limits)
-    limiter = Limiter(keys, state_spec(settings, config))
+    state = state_spec(settings, config)
+    limiter = Limiter(keys, state)
+    responses = build_responses(settings, config.cache or CacheSpec(), state)
     upstream = Upstream(settings)
-    relay = Relay(upstream, RetryPolicy.from_settings(settings), settings, limiter)
+    relay = Relay(upstream, RetryPolicy.from_settings(settings), settings, limiter, responses)
     exposure = Exposure(
         settings.extra_paths, proxy_all=settings.proxy_all, allow_admin=settings.allow_admin
     )
     passthrough = Passthrough(relay, exposure)
+    chat: ASGIApp = Chat(relay, settings)
+    if responses is not None:
+        chat = ChatCache(chat, responses, relay)
 
     routes = [
         Route("/health", Health(upstream, settings)),
         Route("/models", Models(relay)),
-        Route("/chat", Chat(relay, settings)),
+        Route("/chat", chat),
         Route("/usage", UsageEndpoint(keys, limiter)),
         # /v1/... goes through V1Lane below; bare /v1 gets a 404 of ours, not a redirect.
         Route("/v1", passthrough),
@@ -187,6 +225,8 @@ def create_app(settings: Settings | None = None, config: FileConfig | None = Non
                 await inflight.wait_idle(settings.graceful_timeout)
             finally:
                 await limiter.aclose()
+                if responses is not None:
+                    await responses.aclose()
 
     app = Starlette(
         routes=routes,

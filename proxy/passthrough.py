@@ -20,6 +20,7 @@ from urllib.parse import quote
 from proxy.accesslog import RequestInfo, request_info
 from proxy.asgi import Receive, Scope, Send, route_path
 from proxy.body import ClientDisconnected, check_head, read_body, wait_disconnect
+from proxy.cache import Responses, Stored
 from proxy.config import Settings
 from proxy.errors import ClientError, GatewayError, UpstreamError
 from proxy.exposure import Exposure
@@ -47,10 +48,12 @@ class Relay:
         policy: RetryPolicy,
         settings: Settings,
         limiter: Limiter | None = None,
+        responses: Responses | None = None,
     ) -> None:
         self.upstream = upstream
         self.policy = policy
         self.limiter = limiter
+        self.responses = responses
         self.api_key = settings.api_key.encode()
         self.max_body = settings.max_body_bytes
         self.body_timeout = settings.body_timeout
@@ -63,6 +66,32 @@ class Relay:
         body = await self.read_request(scope, receive, send, info)
         if body is None:
             return
+        if self.responses is None:
+            await self.forward(scope, receive, send, info, body, path, query)
+            return
+
+        async def run(out: Send) -> None:
+            await self.forward(scope, receive, out, info, body, path, query)
+
+        async def hit(out: Send, stored: Stored, extra: HeaderList) -> None:
+            await self.forward(scope, receive, out, info, body, path, query, replay=(stored, extra))
+
+        await self.responses.serve(scope, send, info, body, path, run, hit)
+
+    async def forward(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        info: RequestInfo,
+        body: bytes,
+        path: str,
+        query: bytes = b"",
+        *,
+        replay: tuple[Stored, HeaderList] | None = None,
+    ) -> None:
+        """Admit the request (the key's limits), then relay it upstream — or, with
+        ``replay``, send that stored answer instead (it counts as a request, no tokens)."""
         ticket = None
         if info.key is not None and info.key.policy:
             try:
@@ -72,6 +101,13 @@ class Relay:
                 return
             if ticket is not None:
                 body, send = ticket.body, ticket.wrap(send)
+        if replay is not None:
+            try:
+                await replay[0].replay(send, replay[1])
+            finally:
+                if ticket is not None:
+                    ticket.finish(info)
+            return
         headers = upstream_request_headers(
             scope["headers"], api_key=self.api_key, request_id=info.request_id
         )

@@ -1,0 +1,331 @@
+"""The response cache and Idempotency-Key (SPEC §12) through a real gateway process in
+front of the simulator: hits are the miss's bytes and reach no upstream, privacy per
+key, Cache-Control, what is never stored, and retries that never generate twice."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.integration.conftest import GATEWAY_ENV, MODEL, Sim
+from tests.support.servers import ServerProcess, gateway_server
+
+A, B = "cache-team-a", "cache-team-b"
+
+CONFIG = f"""
+[[keys]]
+name = "a"
+key = "{A}"
+
+[[keys]]
+name = "b"
+key = "{B}"
+
+[cache]
+enabled = true
+
+[state]
+backend = "memory"
+"""
+
+
+def auth(key: str = A) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def chat(text: str | None = None, **extra: object) -> dict:
+    return {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": text or f"Say hello {uuid.uuid4().hex}"}],
+        "max_tokens": 8,
+        "temperature": 0,
+        **extra,
+    }
+
+
+def start(sim: Sim, tmp_path: Path, config: str = CONFIG, **env: str) -> ServerProcess:
+    path = tmp_path / "gateway.toml"
+    path.write_text(config)
+    return gateway_server(sim.base_url, "--config", str(path), env={**GATEWAY_ENV, **env}).start()
+
+
+@pytest.fixture(scope="module")
+def gw(sim: Sim, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    with start(sim, tmp_path_factory.mktemp("cache")) as server:
+        yield server
+
+
+@pytest.fixture
+def client(gw: ServerProcess) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=gw.url, timeout=30) as c:
+        yield c
+
+
+def post(client: httpx.Client, path: str, body: dict, key: str = A, **headers: str):
+    return client.post(path, json=body, headers={**auth(key), **headers})
+
+
+def stream(client: httpx.Client, path: str, body: dict, key: str = A, **headers: str):
+    """(response, raw body bytes) of a streamed request read to its end."""
+    with client.stream("POST", path, json=body, headers={**auth(key), **headers}) as r:
+        return r, b"".join(r.iter_raw())
+
+
+def generations(sim: Sim) -> int:
+    stats = sim.stats()
+    return stats["completed"] + stats["aborted"]
+
+
+# ---- the cache ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_hit_is_the_miss_bytes_and_reaches_no_upstream(clean_sim, client, path):
+    body = chat() if "chat" in path else {"model": MODEL, "prompt": uuid.uuid4().hex, "seed": 7}
+    first = post(client, path, body)
+    assert first.status_code == 200
+    assert first.headers["x-cache"] == "MISS"
+    assert "age" not in first.headers
+    seen = clean_sim.stats()["requests"]
+    second = post(client, path, body)
+    assert second.status_code == 200
+    assert second.headers["x-cache"] == "HIT"
+    assert int(second.headers["age"]) >= 0
+    assert second.content == first.content
+    assert second.headers["content-type"] == first.headers["content-type"]
+    assert clean_sim.stats()["requests"] == seen
+
+
+def test_stream_hit_replays_the_same_sse_bytes(clean_sim, client):
+    body = chat(stream=True)
+    first, raw = stream(client, "/v1/chat/completions", body)
+    assert first.headers["x-cache"] == "MISS"
+    assert raw.endswith(b"data: [DONE]\n\n")
+    seen = clean_sim.stats()["requests"]
+    second, again = stream(client, "/v1/chat/completions", body)
+    assert second.headers["x-cache"] == "HIT"
+    assert second.headers["content-type"].startswith("text/event-stream")
+    assert again == raw
+    assert clean_sim.stats()["requests"] == seen
+
+
+def test_embeddings_are_always_cached(clean_sim, client):
+    body = {"model": MODEL, "input": f"cache me {uuid.uuid4().hex}"}
+    first = post(client, "/v1/embeddings", body)
+    second = post(client, "/v1/embeddings", body)
+    assert (first.headers["x-cache"], second.headers["x-cache"]) == ("MISS", "HIT")
+    assert second.content == first.content
+    assert clean_sim.stats()["by_path"].get("/v1/embeddings", 0) == 1
+
+
+def test_entries_are_private_to_the_key(clean_sim, client):
+    body = chat()
+    assert post(client, "/v1/chat/completions", body, A).headers["x-cache"] == "MISS"
+    other = post(client, "/v1/chat/completions", body, B)
+    assert other.headers["x-cache"] == "MISS"
+    assert post(client, "/v1/chat/completions", body, B).headers["x-cache"] == "HIT"
+    assert generations(clean_sim) == 2
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        chat(temperature=0.7),
+        {k: v for k, v in chat().items() if k != "temperature"},
+        chat(n=2, temperature=0.5, seed=1),
+    ],
+    ids=["temperature", "default-temperature", "two-choices"],
+)
+def test_non_reproducible_requests_are_never_cached(clean_sim, client, body):
+    for _ in range(2):
+        r = post(client, "/v1/chat/completions", body)
+        assert r.status_code == 200
+        assert r.headers["x-cache"] == "BYPASS"
+    assert generations(clean_sim) == 2
+
+
+def test_seed_makes_a_request_cacheable(clean_sim, client):
+    body = chat(temperature=0.9, seed=42)
+    assert post(client, "/v1/chat/completions", body).headers["x-cache"] == "MISS"
+    assert post(client, "/v1/chat/completions", body).headers["x-cache"] == "HIT"
+
+
+def test_cache_control_no_cache_and_no_store(clean_sim, client):
+    body = chat()
+    first = post(client, "/v1/chat/completions", body)
+    fresh = post(client, "/v1/chat/completions", body, **{"Cache-Control": "no-cache"})
+    assert fresh.headers["x-cache"] == "MISS"
+    assert fresh.content != first.content  # a new generation (new id)
+    # no-cache stored the fresh answer: it is what a plain request now gets.
+    assert post(client, "/v1/chat/completions", body).content == fresh.content
+    other = chat()
+    skipped = post(client, "/v1/chat/completions", other, **{"Cache-Control": "no-store"})
+    assert skipped.headers["x-cache"] == "BYPASS"
+    assert post(client, "/v1/chat/completions", other).headers["x-cache"] == "MISS"
+    assert generations(clean_sim) == 4  # first, fresh, skipped, other; the plain one hit
+
+
+def test_errors_are_never_cached(clean_sim, client):
+    body = chat()
+    failed = post(client, "/v1/chat/completions", body, **{"x-sim-fail-status": "400"})
+    assert failed.status_code == 400
+    assert post(client, "/v1/chat/completions", body).headers["x-cache"] == "MISS"
+
+
+def test_cut_streams_are_never_cached(clean_sim, client):
+    body = chat(stream=True, max_tokens=20)
+    with pytest.raises(httpx.HTTPError):
+        stream(client, "/v1/chat/completions", body, **{"x-sim-drop-after": "3"})
+    r, raw = stream(client, "/v1/chat/completions", body)
+    assert r.headers["x-cache"] == "MISS"
+    assert raw.endswith(b"data: [DONE]\n\n")
+
+
+def test_answers_to_a_client_that_left_are_never_cached(clean_sim, client):
+    body = chat(stream=True, max_tokens=50)
+    slow = {**auth(), "x-sim-token-delay": "0.05"}
+    with client.stream("POST", "/v1/chat/completions", json=body, headers=slow) as r:
+        assert r.headers["x-cache"] == "MISS"
+        next(r.iter_raw())
+    assert clean_sim.wait_aborted(1, timeout=10)["aborted"] >= 1
+    again = post(client, "/v1/chat/completions", {**body, "stream": False})
+    assert again.headers["x-cache"] == "MISS"  # another body (stream false): a sanity check
+    r2, raw = stream(client, "/v1/chat/completions", body)
+    assert r2.headers["x-cache"] == "MISS"
+    assert raw.endswith(b"data: [DONE]\n\n")
+
+
+def test_other_paths_carry_no_cache_header(client):
+    r = client.get("/v1/models", headers=auth())
+    assert r.status_code == 200
+    assert "x-cache" not in r.headers
+
+
+# ---- Idempotency-Key ----------------------------------------------------------------------
+
+
+def test_concurrent_duplicates_generate_once(clean_sim, client, gw):
+    body = chat(temperature=0.7)  # not cacheable: only idempotency can stop duplicates
+    key = uuid.uuid4().hex
+    headers = {**auth(), "Idempotency-Key": key, "x-sim-first-byte-delay": "3"}
+    go = threading.Barrier(20)
+
+    def one(_: int) -> httpx.Response:
+        with httpx.Client(base_url=gw.url, timeout=30) as c:
+            go.wait(timeout=10)
+            return c.post("/v1/chat/completions", json=body, headers=headers)
+
+    with ThreadPoolExecutor(20) as pool:
+        answers = list(pool.map(one, range(20)))
+    ran = [r for r in answers if r.status_code == 200 and "idempotent-replayed" not in r.headers]
+    busy = [r for r in answers if r.status_code == 409]
+    replayed = [r for r in answers if r.headers.get("idempotent-replayed") == "true"]
+    assert len(ran) == 1
+    assert busy, [r.status_code for r in answers]
+    assert len(ran) + len(busy) + len(replayed) == 20
+    for r in busy:
+        assert r.json()["error"]["code"] == "idempotency_in_progress"
+    assert clean_sim.stats()["completed"] == 1
+    assert clean_sim.stats()["by_path"]["/v1/chat/completions"] == 1
+    # A retry after it completed gets the stored answer, generating nothing.
+    again = client.post("/v1/chat/completions", json=body, headers=headers)
+    assert again.status_code == 200
+    assert again.headers["idempotent-replayed"] == "true"
+    assert again.content == ran[0].content
+    assert clean_sim.stats()["completed"] == 1
+
+
+def test_stream_is_replayed_under_its_idempotency_key(clean_sim, client):
+    body = chat(stream=True, temperature=1.0)
+    key = {"Idempotency-Key": uuid.uuid4().hex}
+    first, raw = stream(client, "/v1/chat/completions", body, **key)
+    second, again = stream(client, "/v1/chat/completions", body, **key)
+    assert "idempotent-replayed" not in first.headers
+    assert second.headers["idempotent-replayed"] == "true"
+    assert again == raw
+    assert clean_sim.stats()["completed"] == 1
+
+
+def test_same_key_other_body_is_422(clean_sim, client):
+    key = {"Idempotency-Key": uuid.uuid4().hex}
+    assert post(client, "/v1/chat/completions", chat(), **key).status_code == 200
+    other = post(client, "/v1/chat/completions", chat(), **key)
+    assert other.status_code == 422
+    assert other.json()["error"]["code"] == "idempotency_key_reused"
+    assert clean_sim.stats()["completed"] == 1
+
+
+def test_keys_are_scoped_to_the_api_key(clean_sim, client):
+    key = {"Idempotency-Key": uuid.uuid4().hex}
+    body = chat(temperature=1.0)
+    first = post(client, "/v1/chat/completions", body, A, **key)
+    other = post(client, "/v1/chat/completions", body, B, **key)
+    assert other.status_code == 200
+    assert "idempotent-replayed" not in other.headers
+    assert other.content != first.content
+    assert clean_sim.stats()["completed"] == 2
+
+
+def test_a_cut_first_attempt_does_not_block_the_retry(clean_sim, client):
+    body = chat(stream=True, max_tokens=20, temperature=1.0)
+    key = {"Idempotency-Key": uuid.uuid4().hex}
+    with pytest.raises(httpx.HTTPError):
+        stream(client, "/v1/chat/completions", body, **key, **{"x-sim-drop-after": "3"})
+    retry, raw = stream(client, "/v1/chat/completions", body, **key)
+    assert retry.status_code == 200
+    assert "idempotent-replayed" not in retry.headers
+    assert raw.endswith(b"data: [DONE]\n\n")
+    failed = post(client, "/v1/chat/completions", chat(), **{**key, "x-sim-fail-status": "500"})
+    assert failed.status_code == 422  # the key now belongs to the completed stream
+
+
+def test_a_failed_first_attempt_does_not_block_the_retry(clean_sim, client):
+    body = chat(temperature=1.0)
+    key = {"Idempotency-Key": uuid.uuid4().hex}
+    failed = post(client, "/v1/chat/completions", body, **key, **{"x-sim-fail-status": "400"})
+    assert failed.status_code == 400
+    retry = post(client, "/v1/chat/completions", body, **key)
+    assert retry.status_code == 200
+    assert "idempotent-replayed" not in retry.headers
+
+
+def test_a_bad_idempotency_key_is_400(client):
+    r = post(client, "/v1/chat/completions", chat(), **{"Idempotency-Key": "x" * 300})
+    assert r.status_code == 400
+    assert r.json()["error"]["param"] == "Idempotency-Key"
+
+
+def test_openai_sdk_retries_with_an_idempotency_key_generate_once(clean_sim, gw):
+    """One SDK call is slow; a second (same key) gets 409s, which the SDK retries by itself
+    until the first completed, then receives the stored answer."""
+    body = chat(temperature=1.0)
+    key = uuid.uuid4().hex
+    sdk = openai.OpenAI(base_url=gw.url + "/v1", api_key=A, max_retries=8, timeout=30)
+    slow = {"Idempotency-Key": key, "x-sim-first-byte-delay": "2"}
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(
+            sdk.chat.completions.with_raw_response.create, **body, extra_headers=slow
+        )
+        clean_sim_wait_requests(clean_sim, 1)
+        second = pool.submit(
+            sdk.chat.completions.with_raw_response.create, **body, extra_headers=slow
+        )
+        a, b = first.result(), second.result()
+    assert a.parse().choices[0].message.content == b.parse().choices[0].message.content
+    assert a.parse().id == b.parse().id
+    assert b.headers.get("idempotent-replayed") == "true"
+    assert clean_sim.stats()["completed"] == 1
+
+
+def clean_sim_wait_requests(sim: Sim, n: int) -> None:
+    r = httpx.get(
+        sim.url + "/_sim/wait", params={"field": "requests", "n": n, "timeout": 10}, timeout=15
+    )
+    assert r.status_code == 200, r.text
