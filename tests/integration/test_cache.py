@@ -5,6 +5,7 @@ key, Cache-Control, what is never stored, and retries that never generate twice.
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -15,6 +16,7 @@ import openai
 import pytest
 
 from tests.integration.conftest import GATEWAY_ENV, MODEL, Sim
+from tests.support.redis import RedisServer
 from tests.support.servers import ServerProcess, gateway_server
 
 A, B = "cache-team-a", "cache-team-b"
@@ -329,3 +331,125 @@ def clean_sim_wait_requests(sim: Sim, n: int) -> None:
         sim.url + "/_sim/wait", params={"field": "requests", "n": n, "timeout": 10}, timeout=15
     )
     assert r.status_code == 200, r.text
+
+
+# ---- /chat ----------------------------------------------------------------------------------
+
+
+def test_chat_hit_is_the_miss_bytes(clean_sim, client):
+    body = {"messages": [{"role": "user", "content": uuid.uuid4().hex}], "temperature": 0}
+    first = post(client, "/chat", body)
+    second = post(client, "/chat", body)
+    assert (first.headers["x-cache"], second.headers["x-cache"]) == ("MISS", "HIT")
+    assert second.content == first.content
+    assert first.json()["content"]
+    assert generations(clean_sim) == 1
+
+
+def test_chat_stream_hit_is_the_miss_bytes(clean_sim, client):
+    body = {"messages": [{"role": "user", "content": uuid.uuid4().hex}], "temperature": 0}
+    body["stream"] = True
+    first, raw = stream(client, "/chat", body)
+    second, again = stream(client, "/chat", body)
+    assert (first.headers["x-cache"], second.headers["x-cache"]) == ("MISS", "HIT")
+    assert raw.endswith(b"data: [DONE]\n\n")
+    assert again == raw
+    assert generations(clean_sim) == 1
+
+
+def test_chat_default_temperature_is_not_reproducible(clean_sim, client):
+    body = {"messages": [{"role": "user", "content": uuid.uuid4().hex}]}
+    assert post(client, "/chat", body).headers["x-cache"] == "BYPASS"  # default 0.7
+
+
+def test_chat_idempotency_key_replays(clean_sim, client):
+    body = {"messages": [{"role": "user", "content": uuid.uuid4().hex}], "temperature": 1.0}
+    key = {"Idempotency-Key": uuid.uuid4().hex}
+    first = post(client, "/chat", body, **key)
+    second = post(client, "/chat", body, **key)
+    assert second.headers["idempotent-replayed"] == "true"
+    assert second.content == first.content
+    assert generations(clean_sim) == 1
+
+
+# ---- limits, shared entries, Redis across gateways --------------------------------------------
+
+
+LIMITED = f"""
+[[keys]]
+name = "a"
+key = "{A}"
+rpm = 100
+tpm = 100000
+
+[[keys]]
+name = "b"
+key = "{B}"
+
+[cache]
+enabled = true
+shared = true
+
+[state]
+backend = "memory"
+"""
+
+
+def usage_of(client: httpx.Client, key: str = A) -> dict:
+    return client.get("/usage", headers=auth(key)).json()["keys"][0]["usage"]
+
+
+def test_a_hit_counts_as_a_request_but_charges_no_tokens(clean_sim, sim, tmp_path):
+    with start(sim, tmp_path, LIMITED) as gw2, httpx.Client(base_url=gw2.url, timeout=30) as c:
+        body = chat()
+        miss = post(c, "/v1/chat/completions", body)
+        hit = post(c, "/v1/chat/completions", body)
+        assert (miss.headers["x-cache"], hit.headers["x-cache"]) == ("MISS", "HIT")
+        assert hit.headers["x-ratelimit-limit-requests"] == "100"
+        assert hit.headers["x-ratelimit-remaining-requests"] == "98"
+        tokens = miss.json()["usage"]["total_tokens"]
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and usage_of(c)["tokens_per_minute"] != tokens:
+            time.sleep(0.05)
+        assert usage_of(c) == {"requests_per_minute": 2, "tokens_per_minute": tokens}
+        # shared = true: another key hits the same entry.
+        assert post(c, "/v1/chat/completions", body, B).headers["x-cache"] == "HIT"
+    assert generations(clean_sim) == 1
+
+
+@pytest.fixture(scope="module")
+def redis_server() -> Iterator[RedisServer]:
+    with RedisServer() as server:
+        yield server
+
+
+def test_two_gateways_share_the_cache_and_idempotency_through_redis(
+    clean_sim, sim, tmp_path, redis_server
+):
+    config = CONFIG.replace('backend = "memory"', f'redis_url = "{redis_server.url}"')
+    with (
+        start(sim, tmp_path, config) as one,
+        start(sim, tmp_path, config) as two,
+        httpx.Client(timeout=30) as c,
+    ):
+        body = chat(stream=True)
+        first, raw = stream(c, one.url + "/v1/chat/completions", body)
+        second, again = stream(c, two.url + "/v1/chat/completions", body)
+        assert (first.headers["x-cache"], second.headers["x-cache"]) == ("MISS", "HIT")
+        assert again == raw
+        assert generations(clean_sim) == 1
+
+        slow = {**auth(), "Idempotency-Key": uuid.uuid4().hex, "x-sim-first-byte-delay": "2"}
+        other = chat(temperature=1.0)
+        with ThreadPoolExecutor(1) as pool:
+            running = pool.submit(
+                c.post, one.url + "/v1/chat/completions", json=other, headers=slow
+            )
+            clean_sim_wait_requests(clean_sim, 2)
+            busy = c.post(two.url + "/v1/chat/completions", json=other, headers=slow)
+            done = running.result()
+        assert busy.status_code == 409
+        replay = c.post(two.url + "/v1/chat/completions", json=other, headers=slow)
+        assert replay.headers["idempotent-replayed"] == "true"
+        assert replay.content == done.content
+        assert generations(clean_sim) == 2
