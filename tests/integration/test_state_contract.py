@@ -37,7 +37,7 @@ Factory = Callable[[], State]
 async def make_state(request, tmp_path) -> AsyncIterator[Factory]:
     """A factory of State handles on one shared store (two handles = two processes)."""
     made: list[State] = []
-    memory = MemoryState(max_bytes=1000)
+    memory = MemoryState(max_bytes=4 * 1024 * 1024)
     prefix = f"t{uuid.uuid4().hex[:8]}:"
 
     def make() -> State:
@@ -207,6 +207,36 @@ async def test_key_value(make_state: Factory) -> None:
 
     await eventually(expired)
     assert await state.put("y", b"again", only_if_absent=True)  # an expired value is absent
+
+
+async def test_key_value_holds_large_binary_values(make_state: Factory) -> None:
+    """The response cache stores answers of a megabyte or more, any bytes."""
+    state = make_state()
+    value = bytes(range(256)) * 4096 + b"\n\0data: [DONE]\n\n"
+    assert await state.put("big", value, ttl=60)
+    assert await state.get("big") == value
+
+
+async def test_set_if_absent_has_one_winner_across_handles(make_state: Factory) -> None:
+    """Idempotency: of many concurrent first attempts (any gateway) exactly one claims."""
+    one, two = make_state(), make_state()
+    won = await asyncio.gather(
+        *[
+            (one if i % 2 else two).put("idem", b"P%d" % i, 60, only_if_absent=True)
+            for i in range(20)
+        ]
+    )
+    assert sum(won) == 1
+    assert await one.get("idem") == b"P%d" % won.index(True)
+
+
+async def test_overwrite_replaces_the_ttl(make_state: Factory) -> None:
+    """An in-progress record (short lease) becomes the finished one (long retention)."""
+    state = make_state()
+    assert await state.put("rec", b"pending", ttl=0.3, only_if_absent=True)
+    assert await state.put("rec", b"done", ttl=60)
+    await asyncio.sleep(0.5)
+    assert await state.get("rec") == b"done"
 
 
 async def test_memory_key_value_is_bounded_lru() -> None:
