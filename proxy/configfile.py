@@ -400,12 +400,15 @@ _CACHE = CacheSpec()
 
 def parse_cache(t: Table) -> CacheSpec:
     """``[cache]``: enabled, shared, ttl, max_bytes, max_entry_bytes and idempotency."""
+    max_bytes = t.int("max_bytes", _CACHE.max_bytes, lo=1024)
     spec = CacheSpec(
         enabled=t.bool("enabled", _CACHE.enabled),
         shared=t.bool("shared", _CACHE.shared),
         ttl=t.float("ttl", _CACHE.ttl, lo=1.0),
-        max_bytes=t.int("max_bytes", _CACHE.max_bytes, lo=1024),
-        max_entry_bytes=t.int("max_entry_bytes", _CACHE.max_entry_bytes, lo=1024),
+        max_bytes=max_bytes,
+        max_entry_bytes=t.int(
+            "max_entry_bytes", min(_CACHE.max_entry_bytes, max_bytes // 2), lo=1024
+        ),
         idempotency=t.bool("idempotency", _CACHE.idempotency),
         idempotency_ttl=t.float("idempotency_ttl", _CACHE.idempotency_ttl, lo=1.0),
         idempotency_lease=t.float("idempotency_lease", _CACHE.idempotency_lease, lo=1.0),

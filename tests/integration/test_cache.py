@@ -16,6 +16,7 @@ import openai
 import pytest
 
 from tests.integration.conftest import GATEWAY_ENV, MODEL, Sim
+from tests.support.procfs import rss_bytes
 from tests.support.redis import RedisServer
 from tests.support.servers import ServerProcess, gateway_server
 
@@ -53,9 +54,10 @@ def chat(text: str | None = None, **extra: object) -> dict:
 
 
 def start(sim: Sim, tmp_path: Path, config: str = CONFIG, **env: str) -> ServerProcess:
+    """The gateway, not yet started: ``with start(...) as gw`` starts and stops it."""
     path = tmp_path / "gateway.toml"
     path.write_text(config)
-    return gateway_server(sim.base_url, "--config", str(path), env={**GATEWAY_ENV, **env}).start()
+    return gateway_server(sim.base_url, "--config", str(path), env={**GATEWAY_ENV, **env})
 
 
 @pytest.fixture(scope="module")
@@ -453,3 +455,35 @@ def test_two_gateways_share_the_cache_and_idempotency_through_redis(
         assert replay.headers["idempotent-replayed"] == "true"
         assert replay.content == done.content
         assert generations(clean_sim) == 2
+
+
+@pytest.mark.parametrize("bounded", [True, False], ids=["2MiB", "256MiB-control"])
+def test_memory_stays_bounded_under_many_large_answers(clean_sim, sim, tmp_path, bounded):
+    """60 distinct ~0.5 MB streamed answers (30 MB) through a cache of 2 MiB: the oldest
+    are evicted (MISS again), the newest hit, and the gateway's RSS grows by far less than
+    what passed through. The control (a 256 MiB cache keeps them all) shows that the RSS
+    measurement sees stored answers."""
+    max_bytes = 2 * 1024 * 1024 if bounded else 256 * 1024 * 1024
+    config = CONFIG.replace("enabled = true", f"enabled = true\nmax_bytes = {max_bytes}")
+    big = {"x-sim-tokens": "2000"}
+    with start(sim, tmp_path, config) as gw2, httpx.Client(base_url=gw2.url, timeout=60) as c:
+        assert gw2.proc is not None
+        stream(c, "/v1/chat/completions", chat(stream=True, max_tokens=2000), **big)  # warm-up
+        before = rss_bytes(gw2.proc.pid)
+        bodies = [chat(stream=True, max_tokens=2000) for _ in range(60)]
+        total = 0
+        for body in bodies:
+            r, raw = stream(c, "/v1/chat/completions", body, **big)
+            assert r.headers["x-cache"] == "MISS"
+            total += len(raw)
+        grown = rss_bytes(gw2.proc.pid) - before
+        assert total > 25 * 1024 * 1024
+        last = stream(c, "/v1/chat/completions", bodies[-1], **big)[0].headers["x-cache"]
+        first = stream(c, "/v1/chat/completions", bodies[0], **big)[0].headers["x-cache"]
+        assert last == "HIT"
+        if bounded:
+            assert grown < total / 3, (grown, total)
+            assert first == "MISS"
+        else:
+            assert grown > total / 2, (grown, total)
+            assert first == "HIT"

@@ -46,9 +46,10 @@ def write_config(tmp_path: Path, body: str, state: str = "") -> str:
 
 
 def start(sim: Sim, config: str, *extra: str, env: dict | None = None) -> ServerProcess:
+    """The gateway, not yet started: ``with start(...) as gw`` starts and stops it."""
     return gateway_server(
         sim.base_url, "--config", config, *extra, env={**GATEWAY_ENV, **(env or {})}
-    ).start()
+    )
 
 
 @pytest.fixture(scope="module")
@@ -222,8 +223,8 @@ def test_a_killed_gateway_leaves_no_slot_locked(
         key_toml("team-a", A, "max_parallel = 1") + "[limits]\nlease_seconds = 2\n",
         state=f'[state]\nredis_url = "{redis_server.url}"\n',
     )
-    doomed = start(sim, config)
-    survivor = start(sim, config)
+    doomed = start(sim, config).start()
+    survivor = start(sim, config).start()
     try:
         started = threading.Event()
 
