@@ -27,6 +27,30 @@ _ERRORS = {
     "504": _error("The upstream timed out"),
 }
 
+# POST /chat and the cached /v1 paths: the response cache and Idempotency-Key (README).
+_CACHE_PARAMETERS = [
+    {
+        "name": "Idempotency-Key",
+        "in": "header",
+        "required": False,
+        "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+        "description": "A retry with the same key and body gets the first answer again "
+        "(`idempotent-replayed: true`) instead of a second generation; 24 h, per API key.",
+    },
+    {
+        "name": "Cache-Control",
+        "in": "header",
+        "required": False,
+        "schema": {"type": "string", "examples": ["no-cache", "no-store"]},
+        "description": "With `[cache] enabled`: `no-cache` skips the lookup, `no-store` "
+        "the cache. Responses carry `x-cache: HIT | MISS | BYPASS` (and `age` on a hit).",
+    },
+]
+_CACHE_ERRORS = {
+    "409": _error("`idempotency_in_progress`: a request with this Idempotency-Key still runs"),
+    "422": _error("`idempotency_key_reused`: this Idempotency-Key was used with another body"),
+}
+
 _CHAT_EXAMPLE = {
     "messages": [
         {"role": "system", "content": "你是一个有帮助的AI助手"},
@@ -50,7 +74,9 @@ def _json(schema: dict[str, Any], example: Any = None) -> dict[str, Any]:
     return {"application/json": body}
 
 
-def _passthrough(summary: str, method: str, example: Any = None) -> dict[str, Any]:
+def _passthrough(
+    summary: str, method: str, example: Any = None, *, cached: bool = False
+) -> dict[str, Any]:
     op: dict[str, Any] = {
         "tags": ["OpenAI-compatible (relayed to vLLM)"],
         "summary": summary,
@@ -68,6 +94,9 @@ def _passthrough(summary: str, method: str, example: Any = None) -> dict[str, An
             **_ERRORS,
         },
     }
+    if cached:
+        op["parameters"] = _CACHE_PARAMETERS
+        op["responses"].update(_CACHE_ERRORS)
     if method == "post":
         op["requestBody"] = {
             "required": True,
@@ -102,6 +131,7 @@ def build_openapi(settings: Settings, root_path: str = "") -> dict[str, Any]:
             "/chat": {
                 "post": {
                     "tags": ["Simplified"],
+                    "parameters": _CACHE_PARAMETERS,
                     "summary": "Chat in one call (JSON answer, or text as server-sent events)",
                     "description": (
                         f"Defaults: `model` {model!r}, `max_tokens` "
@@ -148,6 +178,7 @@ def build_openapi(settings: Settings, root_path: str = "") -> dict[str, Any]:
                             },
                         },
                         **_ERRORS,
+                        **_CACHE_ERRORS,
                     },
                 }
             },
@@ -253,6 +284,7 @@ def build_openapi(settings: Settings, root_path: str = "") -> dict[str, Any]:
                         "temperature": 0.7,
                         "max_tokens": 100,
                     },
+                    cached=True,
                 )
             },
             "/v1/completions": {
@@ -260,6 +292,7 @@ def build_openapi(settings: Settings, root_path: str = "") -> dict[str, Any]:
                     "OpenAI text completions",
                     "post",
                     {"model": model, "prompt": "Once upon a time", "max_tokens": 32},
+                    cached=True,
                 )
             },
             "/v1/embeddings": {
@@ -267,6 +300,7 @@ def build_openapi(settings: Settings, root_path: str = "") -> dict[str, Any]:
                     "OpenAI embeddings (when vLLM serves an embedding model)",
                     "post",
                     {"model": model, "input": "hello"},
+                    cached=True,
                 )
             },
             "/v1/models": {"get": _passthrough("OpenAI model list", "get")},
