@@ -29,12 +29,13 @@ _UNPARSED: Any = object()
 class RequestInfo:
     """What handlers record about a request for its log line."""
 
-    __slots__ = ("_json", "attempts", "note", "request_id", "started", "upstream_ms")
+    __slots__ = ("_json", "attempts", "note", "request_id", "started", "upstream", "upstream_ms")
 
     def __init__(self, request_id: bytes) -> None:
         self.started = time.perf_counter()
         self.request_id = request_id
         self.upstream_ms: float | None = None
+        self.upstream = ""  # the chosen upstream's URL (without credentials), many upstreams only
         self.attempts = 0
         self.note = ""
         self._json: Any = _UNPARSED
@@ -98,7 +99,7 @@ class AccessLogMiddleware:
                 dur = (time.perf_counter() - start) * 1000
                 up = f"{info.upstream_ms:.1f}ms" if info.upstream_ms is not None else "-"
                 log.info(
-                    "%s %s %s upstream=%s bytes=%d dur=%.1fms attempts=%d id=%s%s",
+                    "%s %s %s upstream=%s bytes=%d dur=%.1fms attempts=%d id=%s%s%s",
                     scope["method"],
                     scope["path"],
                     status or "-",
@@ -107,5 +108,6 @@ class AccessLogMiddleware:
                     dur,
                     info.attempts,
                     rid.decode("latin-1"),
+                    f" via={info.upstream}" if info.upstream else "",
                     f" {info.note}" if info.note else "",
                 )

@@ -8,6 +8,7 @@
     │   ├── Unauthorized            401   authentication_error
     │   ├── Forbidden               403   permission_error
     │   ├── NotFound                404
+│   │   └── ModelNotFound       404   model_not_found (no upstream serves the model)
     │   ├── RequestTimeout          408   (request body too slow)
     │   ├── PayloadTooLarge         413
     │   ├── URITooLong              414
@@ -85,6 +86,10 @@ class Forbidden(ClientError):
 class NotFound(ClientError):
     status = 404
     code = "not_found"
+
+
+class ModelNotFound(NotFound):
+    code = "model_not_found"
 
 
 class MethodNotAllowed(ClientError):

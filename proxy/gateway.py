@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 
 from starlette.applications import Starlette
@@ -31,14 +31,16 @@ from proxy.asgi import ASGIApp, Receive, Scope, Send, route_path
 from proxy.auth import BearerAuthMiddleware
 from proxy.chat import Chat
 from proxy.config import Settings
+from proxy.configfile import FileConfig, load
 from proxy.docs import ASSET_PREFIX, PUBLIC_PATHS, Docs
 from proxy.errors import error_body
 from proxy.exposure import Exposure
 from proxy.health import Health, Models
 from proxy.inflight import InFlight, InFlightMiddleware
 from proxy.passthrough import Passthrough, Relay
+from proxy.reload import AdminReload, Reloader
 from proxy.retry import RetryPolicy
-from proxy.upstream import Upstream
+from proxy.routing.router import Router, upstream_specs
 
 log = logging.getLogger(__name__)
 
@@ -109,21 +111,46 @@ def lifespan(gateway: Starlette) -> AbstractAsyncContextManager[None]:
     return gateway.router.lifespan_context(gateway)
 
 
-def create_app(settings: Settings | None = None) -> Starlette:
-    """Build the gateway from ``settings`` (default: from the environment and ``.env``)."""
+def create_app(
+    settings: Settings | None = None,
+    config: FileConfig | None = None,
+    *,
+    reload_fan_out: Callable[[], None] | None = None,
+) -> Starlette:
+    """Build the gateway from ``settings`` (default: from the environment and ``.env``).
+
+    ``config`` is the configuration file's content; when None and ``settings.config_path``
+    is set, the file is read here (a bad one raises :class:`ConfigError`, one line).
+    ``reload_fan_out`` (``--workers N``) makes ``POST /admin/reload`` reload every worker.
+    """
     if settings is None:
         settings = Settings.from_env()
-    upstream = Upstream(settings)
-    relay = Relay(upstream, RetryPolicy.from_settings(settings), settings)
+    if config is None and settings.config_path:
+        config = load(settings.config_path)
+    router = Router(
+        settings,
+        upstream_specs(settings, config),
+        config.routing if config is not None else None,
+        managed=config is not None,
+    )
+    reloader = None
+    if config is not None and config.path:
+        reloader = Reloader(config.path)
+        reloader.register(router.prepare)
+    relay = Relay(router, RetryPolicy.from_settings(settings), settings)
     exposure = Exposure(
         settings.extra_paths, proxy_all=settings.proxy_all, allow_admin=settings.allow_admin
     )
     passthrough = Passthrough(relay, exposure)
 
     routes = [
-        Route("/health", Health(upstream, settings)),
+        Route("/health", Health(router, settings)),
         Route("/models", Models(relay)),
         Route("/chat", Chat(relay, settings)),
+        Route(
+            "/admin/reload",
+            AdminReload(reloader, auth_on=bool(settings.wrapper_api_key), fan_out=reload_fan_out),
+        ),
         # /v1/... goes through V1Lane below; bare /v1 gets a 404 of ours, not a redirect.
         Route("/v1", passthrough),
     ]
@@ -161,7 +188,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        async with upstream:
+        async with router, contextlib.AsyncExitStack() as stack:
+            if reloader is not None:
+                await stack.enter_async_context(reloader.on_sighup())
             yield
             # Requests the server has not finished (or has just cancelled) end first.
             await inflight.wait_idle(settings.graceful_timeout)
@@ -173,5 +202,6 @@ def create_app(settings: Settings | None = None) -> Starlette:
         exception_handlers={HTTPException: _http_error, Exception: _server_error},
     )
     app.state.settings = settings  # for introspection only; handlers get theirs passed in
-    app.state.upstream = upstream
+    app.state.upstream = router.endpoints[0].upstream
+    app.state.router = router
     return app

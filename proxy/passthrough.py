@@ -29,6 +29,8 @@ from proxy.headers import (
     upstream_request_headers,
 )
 from proxy.retry import RetryPolicy, send_with_retry
+from proxy.routing.catalog import send_catalog
+from proxy.routing.router import Router
 from proxy.upstream import Upstream, UpstreamResponse
 
 log = logging.getLogger(__name__)
@@ -39,10 +41,11 @@ _PATH_SAFE = "/:@!$&'()*+,;=-._~"
 class Relay:
     """Send one buffered request upstream (with retries) and stream the answer to the client."""
 
-    def __init__(self, upstream: Upstream, policy: RetryPolicy, settings: Settings) -> None:
-        self.upstream = upstream
+    def __init__(self, router: Router | Upstream, policy: RetryPolicy, settings: Settings) -> None:
+        if isinstance(router, Upstream):
+            router = Router.around(router, settings)
+        self.router = router
         self.policy = policy
-        self.api_key = settings.api_key.encode()
         self.max_body = settings.max_body_bytes
         self.body_timeout = settings.body_timeout
         self.max_header_bytes = settings.max_header_bytes
@@ -54,17 +57,25 @@ class Relay:
         body = await self.read_request(scope, receive, send, info)
         if body is None:
             return
+        try:
+            dispatch = self.router.route(scope["headers"], body, info)
+        except ClientError as exc:  # no upstream serves the model
+            await exc.send(send)
+            return
+        # Each upstream adds its own authorization (its key, or credentials from its URL).
         headers = upstream_request_headers(
-            scope["headers"], api_key=self.api_key, request_id=info.request_id
+            scope["headers"], api_key=b"", request_id=info.request_id
         )
-        url = self.upstream.url(path, query)
         method = scope["method"]
 
         async def attempt() -> UpstreamResponse:
             info.attempts += 1
-            return await self.upstream.send(method, url, headers, body)
+            return await dispatch.send(method, path, query, headers, body)
 
-        await self.guard(receive, info, lambda: self._exchange(send, attempt, info))
+        try:
+            await self.guard(receive, info, lambda: self._exchange(send, attempt, info))
+        finally:
+            dispatch.release()  # the response is closed: the upstream's in-flight count ends
 
     async def read_request(
         self, scope: Scope, receive: Receive, send: Send, info: RequestInfo
@@ -187,6 +198,14 @@ class Passthrough:
         problem = self.exposure.check(scope["method"], sub)
         if problem is not None:
             await problem.send(send)
+            return
+        if (
+            sub.startswith("/models")
+            and not self.relay.router.single
+            and (sub == "/models" or sub.startswith("/models/"))
+            and scope["method"] in ("GET", "HEAD")
+        ):  # many upstreams: the gateway answers with the union of their lists
+            await send_catalog(self.relay.router, sub, send)
             return
         path = quote(sub, safe=_PATH_SAFE)
         await self.relay(scope, receive, send, path=path, query=scope["query_string"])
