@@ -102,13 +102,16 @@ class Endpoint:
         if not self.healthy:
             self.rejoin()
 
-    def failed(self, reason: str) -> None:
+    def failed(self, reason: str) -> bool:
+        """Count a failure; True when it took the endpoint out of rotation."""
         now = time.monotonic()
         self.failures += 1
         self.last_error = reason
         self.last_failure = now
         if self.trial or (self.healthy and self.failures >= self.rules.eject_after):
             self.eject(now)
+            return True
+        return False
 
     # ---- transitions --------------------------------------------------------------------
 
@@ -135,6 +138,7 @@ class Endpoint:
 
     def snapshot(self) -> dict[str, Any]:
         """What ``/health`` shows (the URL never carries credentials)."""
+        load = self.load
         return {
             "url": self.url,
             "healthy": self.healthy,
@@ -142,4 +146,12 @@ class Endpoint:
             "weight": self.weight,
             "models": sorted(self.models) if self.models is not None else None,
             "last_error": self.last_error or None,
+            "load": None
+            if load is None
+            else {
+                "waiting": load.waiting,
+                "running": load.running,
+                "kv_cache_usage": load.kv_cache,
+                "age_s": round(time.monotonic() - load.at, 3),
+            },
         }

@@ -76,13 +76,23 @@ class Dispatch:
         except PoolExhausted:
             raise  # our own limit, not the upstream's fault
         except UpstreamError as exc:
-            ep.failed(exc.message)
+            self._failed(ep, exc.message)
             raise
         if response.status >= 500:
-            ep.failed(f"answered {response.status}")
+            self._failed(ep, f"answered {response.status}")
         elif ep.failures or not ep.healthy:
             ep.succeeded()
         return response
+
+    def _failed(self, ep: Endpoint, reason: str) -> None:
+        if ep.failed(reason) and not self.router.single:
+            log.warning(
+                "upstream %s out of rotation for %.1fs after %d failure(s): %s",
+                ep.url,
+                ep.down_until - time.monotonic(),
+                ep.failures,
+                reason,
+            )
 
     def release(self) -> None:
         """The current attempt's response is closed (or was never opened)."""
