@@ -139,19 +139,20 @@ class Server:
             self.proc.wait(5)
 
 
-def sim(tokens: int) -> Server:
+def sim(tokens: int, model: str = "tiny-llama") -> Server:
     port = free_port()
     args = [sys.executable, "-m", "proxy.sim", "--port", str(port), "--tokens", str(tokens)]
-    return Server("sim", [*args, "--log-level", "warning"], port)
+    return Server("sim", [*args, "--model", model, "--log-level", "warning"], port)
 
 
-def gateway(upstream: str, workers: int) -> Server:
+def gateway(upstream: str, workers: int, env: dict[str, str] | None = None) -> Server:
     port = free_port()
     env = {
         "VLLM_BASE_URL": upstream + "/v1",
         "VLLM_WRAPPER_API_KEY": "",
         "VLLM_WRAPPER_ACCESS_LOG": "false",  # as nginx's access_log off
         "VLLM_WRAPPER_LOG_LEVEL": "warning",
+        **(env or {}),
     }
     args = [sys.executable, "-m", "proxy", "--host", "127.0.0.1", "--port", str(port)]
     args += ["--env-file", "", "--workers", str(workers)]

@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -168,7 +169,12 @@ def machine() -> str:
         if line.startswith("model name"):
             cpu = line.split(":", 1)[1].strip()
             break
-    nginx = subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr.strip()
+    exe = shutil.which("nginx") or "/usr/sbin/nginx"
+    nginx = (
+        subprocess.run([exe, "-v"], capture_output=True, text=True).stderr.strip()
+        if Path(exe).exists()
+        else "no nginx"
+    )
     wrk = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.splitlines()[0]
     return (
         f"{platform.node()}: {os.cpu_count()} CPUs ({cpu}), Linux {platform.release()}, "

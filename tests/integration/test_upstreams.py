@@ -522,3 +522,30 @@ def test_credentials_in_the_upstream_url(tmp_path: Path) -> None:
             sent = dict(sim.stats()["last_request"]["headers"])
             assert sent["authorization"] == "Basic dXNlcjpodW50ZXIy"  # user:hunter2
             assert "hunter2" not in gw.log_text()
+
+
+def test_sighup_reloads_every_worker(tmp_path: Path) -> None:
+    with sims(2) as (a, b):
+        path = tmp_path / "gw.toml"
+        config = write_config(path, [{"url": a.base_url}])
+        with gateway_server(
+            a.base_url, "--workers", "2", env={**ENV, "VLLM_WRAPPER_CONFIG": config}
+        ) as gw:
+            deadline = time.monotonic() + 30
+            while gw.log_text().count("Application startup complete") < 2:
+                assert time.monotonic() < deadline, gw.log_text()
+                time.sleep(0.1)
+            write_config(path, [{"url": b.base_url}])
+            gw.send_signal(signal.SIGHUP)  # to the uvicorn parent, which forwards it
+            while gw.log_text().count("config reloaded") < 2:
+                assert time.monotonic() < deadline + 30, gw.log_text()
+                time.sleep(0.1)
+            for _ in range(10):  # a new connection each, so both workers take some
+                assert httpx.post(gw.url + CHAT, json=body(), timeout=30).status_code == 200
+            r = httpx.post(gw.url + "/admin/reload", timeout=10)  # from loopback, auth off
+            assert r.status_code == 202 and r.json()["workers"] == "all"
+            assert chats(b) == 10 and chats(a) == 0
+            while gw.log_text().count("config reloaded") < 4:
+                assert time.monotonic() < deadline + 60, gw.log_text()
+                time.sleep(0.1)
+            assert "Received SIGHUP, restarting" not in gw.log_text()
