@@ -27,7 +27,7 @@ import time
 import httpx
 
 from bench import procs
-from bench.run import RESULTS, SCENARIOS, WRK_LUA, machine, measure, med, run_wrk
+from bench.run import RESULTS, SCENARIOS, WRK_LUA, machine, measure, med, run_wrk, write_results
 
 BEGIN, END = "<!-- upstreams:begin -->", "<!-- upstreams:end -->"
 KEYS = ("a1", "a32", "b")
@@ -98,7 +98,7 @@ def main() -> None:
     section = render(raw, scenarios, args, meta)
     print(section)
     if not args.no_write:
-        write(section)
+        write_results(section, BEGIN, END)
         print(f"wrote {RESULTS}")
 
 
@@ -143,16 +143,6 @@ def render(raw: dict, scenarios: list, args: argparse.Namespace, meta: dict) -> 
         out.append("")
     out.append(END)
     return "\n".join(out)
-
-
-def write(section: str) -> None:
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + section + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    RESULTS.write_text(text)
 
 
 if __name__ == "__main__":
