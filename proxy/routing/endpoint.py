@@ -49,6 +49,7 @@ class Endpoint:
         "load",
         "model_objects",
         "models",
+        "retired",
         "rr_weight",
         "rules",
         "spec",
@@ -77,6 +78,7 @@ class Endpoint:
         self.last_failure = 0.0
         self.rr_weight = 0
         self.load: Load | None = None
+        self.retired = False  # removed by a reload: finishing its requests in flight
 
     def update(self, spec: UpstreamSpec, rules: RoutingSpec) -> None:
         """A reload kept this upstream: take its new weight, models and rules."""
@@ -85,10 +87,14 @@ class Endpoint:
         self.weight = spec.weight
         if spec.models:
             self.models = frozenset(spec.models)
+        else:  # discovered (again, by the next check when nothing is known yet)
+            self.models = frozenset(self.model_objects) if self.model_objects else None
         self.backoff = min(max(self.backoff, rules.eject_backoff), rules.eject_backoff_max)
 
     def available(self, now: float) -> bool:
         """In rotation, or ejected with its backoff over and no trial request out yet."""
+        if self.retired:
+            return False
         return self.healthy or (now >= self.down_until and not self.trial)
 
     def serves(self, model: str) -> bool:

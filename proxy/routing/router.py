@@ -23,7 +23,7 @@ import orjson
 from proxy.accesslog import RequestInfo
 from proxy.config import ConfigError, Settings
 from proxy.configfile import FileConfig, RoutingSpec, UpstreamSpec
-from proxy.errors import ModelNotFound, PoolExhausted, UpstreamError
+from proxy.errors import ModelNotFound, PoolExhausted, UpstreamError, UpstreamUnavailable
 from proxy.headers import HeaderList, get_header
 from proxy.routing.endpoint import Endpoint, Load
 from proxy.routing.policies import Policy, make_policy
@@ -47,15 +47,22 @@ def _client_key(spec: UpstreamSpec) -> tuple[str, str | None, int | None]:
 class Dispatch:
     """One request's way through the upstreams (see the module docstring)."""
 
-    __slots__ = ("candidates", "current", "info", "key", "router", "tried")
+    __slots__ = ("candidates", "current", "info", "key", "model", "router", "tried", "version")
 
     def __init__(
-        self, router: Router, candidates: Sequence[Endpoint], key: str | None, info: RequestInfo
+        self,
+        router: Router,
+        candidates: Sequence[Endpoint],
+        key: str | None,
+        info: RequestInfo,
+        model: str | None = None,
     ) -> None:
         self.router = router
         self.candidates = candidates
         self.key = key
         self.info = info
+        self.model = model
+        self.version = router.version
         self.current: Endpoint | None = None
         self.tried: list[Endpoint] = []
 
@@ -63,6 +70,12 @@ class Dispatch:
         self, method: str, path: str, query: bytes, headers: HeaderList, body: bytes
     ) -> UpstreamResponse:
         """One attempt on the endpoint the policy picks now; records its outcome."""
+        if self.version != self.router.version:  # a reload since the last attempt
+            self.version = self.router.version
+            try:
+                self.candidates = self.router.candidates(self.model)
+            except ModelNotFound as exc:
+                raise UpstreamUnavailable(f"{exc.message} (since a reload)") from None
         ep = self.router.pick(self.candidates, self.key, self.tried)
         self.release()
         ep.in_flight += 1
@@ -124,6 +137,7 @@ class Router:
         self._tasks: list[asyncio.Task[None]] = []
         self._retiring: set[asyncio.Task[None]] = set()
         self._open = False
+        self.version = 0  # bumped by each reload
         self._reindex()
 
     @classmethod
@@ -190,7 +204,7 @@ class Router:
         return None
 
     def dispatch(self, model: str | None, key: str | None, info: RequestInfo) -> Dispatch:
-        return Dispatch(self, self.candidates(model), key, info)
+        return Dispatch(self, self.candidates(model), key, info, model)
 
     def candidates(self, model: str | None) -> Sequence[Endpoint]:
         if not self.route_by_model:
@@ -217,7 +231,8 @@ class Router:
             if available:
                 ep = self.policy(available, key, now)
             else:  # never none for errors alone: the least recently failed one
-                ep = min(candidates, key=lambda e: e.last_failure)
+                live = [e for e in candidates if not e.retired] or candidates
+                ep = min(live, key=lambda e: e.last_failure)
         if not ep.healthy:
             ep.trial = True
         return ep
@@ -384,6 +399,7 @@ class Router:
             self.policy = make_policy(rules.policy, stale=rules.metrics_stale)
             self.endpoints = endpoints
             self.managed = True
+            self.version += 1
             self._reindex()
             for e in removed:
                 self._retire(e)
@@ -397,6 +413,7 @@ class Router:
 
     def _retire(self, e: Endpoint) -> None:
         """Out of rotation now; its client closes once its requests in flight have ended."""
+        e.retired = True
         if not self._open:
             return
 

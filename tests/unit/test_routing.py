@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 from collections import Counter
@@ -162,3 +163,38 @@ vllm:request_success_total{engine="0",finished_reason="stop",model_name="m"} 9.0
 def test_read_gauges_sums_engines() -> None:
     assert read_gauges(METRICS) == {"waiting": 9.0, "running": 4.0, "kv_cache": 0.375}
     assert read_gauges(b"# nothing of vLLM here\nup 1\n") is None
+
+
+def test_reload_checks_first_then_switches_keeping_what_stays() -> None:
+    from proxy.config import ConfigError
+    from proxy.configfile import FileConfig
+
+    settings = Settings(api_key="sk-global")
+    a, b, c = (f"http://127.0.0.1:{9500 + i}/v1" for i in range(3))
+    router = Router(settings, [UpstreamSpec(url=a), UpstreamSpec(url=b)], RULES)
+    kept = router.endpoints[0]
+    kept.in_flight = 2
+    # Credentials in a URL plus the global VLLM_API_KEY: refused, nothing changes.
+    bad = FileConfig(path="gw.toml", upstreams=(UpstreamSpec(url="http://u:p@127.0.0.1:1/v1"),))
+    with pytest.raises(ConfigError, match="Authorization"):
+        router.prepare(bad)
+    assert [e.url for e in router.endpoints] == [a, b] and router.version == 0
+
+    from proxy.accesslog import RequestInfo
+
+    dispatch = router.dispatch(None, None, RequestInfo(b"id"))
+    new = FileConfig(
+        path="gw.toml",
+        upstreams=(UpstreamSpec(url=a, weight=5), UpstreamSpec(url=c)),
+        routing=RoutingSpec(policy="round-robin"),
+    )
+    removed = router.endpoints[1]
+    asyncio.run(router.prepare(new)())
+    assert [e.url for e in router.endpoints] == [a, c]
+    assert router.endpoints[0] is kept and kept.weight == 5 and kept.in_flight == 2
+    assert removed.retired and not removed.available(time.monotonic())
+    assert router.rules.policy == "round-robin" and router.version == 1
+    # A request that began before the reload refreshes its candidates on its next attempt.
+    assert dispatch.version != router.version and removed in dispatch.candidates
+    for _ in range(5):
+        assert router.pick(router.all, None, []) is not removed
