@@ -88,8 +88,16 @@ class RssPeak:
 class Server:
     """A process group serving HTTP on 127.0.0.1:``port``."""
 
-    def __init__(self, name: str, args: list[str], port: int, env: dict[str, str] | None = None):
+    def __init__(
+        self,
+        name: str,
+        args: list[str],
+        port: int,
+        env: dict[str, str] | None = None,
+        cwd: Path = ROOT,
+    ):
         self.name = name
+        self.cwd = cwd
         self.args = args
         self.port = port
         self.env = {**os.environ, **(env or {})}
@@ -107,7 +115,7 @@ class Server:
     def start(self, ready_path: str, workers: int = 1) -> Server:
         self.proc = subprocess.Popen(
             self.args,
-            cwd=ROOT,
+            cwd=self.cwd,
             env=self.env,
             stdout=self.log,
             stderr=subprocess.STDOUT,
@@ -145,7 +153,10 @@ def sim(tokens: int, model: str = "tiny-llama") -> Server:
     return Server("sim", [*args, "--model", model, "--log-level", "warning"], port)
 
 
-def gateway(upstream: str, workers: int, env: dict[str, str] | None = None) -> Server:
+def gateway(
+    upstream: str, workers: int, env: dict[str, str] | None = None, src: Path = ROOT
+) -> Server:
+    """The gateway from the source tree ``src`` (default: this one)."""
     port = free_port()
     env = {
         "VLLM_BASE_URL": upstream + "/v1",
@@ -156,7 +167,7 @@ def gateway(upstream: str, workers: int, env: dict[str, str] | None = None) -> S
     }
     args = [sys.executable, "-m", "proxy", "--host", "127.0.0.1", "--port", str(port)]
     args += ["--env-file", "", "--workers", str(workers)]
-    return Server(f"gateway-w{workers}", args, port, env)
+    return Server(f"gateway-w{workers}", args, port, env, cwd=src)
 
 
 NGINX_CONF = """\

@@ -20,9 +20,11 @@ import argparse
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import httpx
 
@@ -40,6 +42,16 @@ def config_file(urls: list[str]) -> str:
     return f.name
 
 
+def export(rev: str) -> Path:
+    """The source tree of git revision ``rev``, in a temporary directory."""
+    dest = Path(tempfile.mkdtemp(prefix="bench-src-"))
+    archive = subprocess.run(
+        ["git", "archive", rev], cwd=procs.ROOT, capture_output=True, check=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    return dest
+
+
 def served(sim: procs.Server) -> int:
     return httpx.get(sim.url + "/_sim/stats", timeout=10).json()["requests"]
 
@@ -51,10 +63,17 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--duration", type=float, default=4.0, help="seconds per run (default 4)")
     p.add_argument("--no-write", action="store_true", help="print, do not touch RESULTS.md")
+    p.add_argument("--only", default="", help="comma-separated scenario keys (a1,a32,b)")
+    p.add_argument(
+        "--baseline",
+        metavar="REV",
+        help="also run the single-upstream gateway of git revision REV (e.g. main) as 'one@REV'",
+    )
     args = p.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("bench needs wrk: apt-get install -y wrk")
-    scenarios = [s for s in SCENARIOS if s.key in KEYS]
+    only = set(filter(None, args.only.split(","))) or set(KEYS)
+    scenarios = [s for s in SCENARIOS if s.key in KEYS and s.key in only]
     meta = {
         "command": " ".join(["python -m bench.upstreams", *sys.argv[1:]]),
         "machine": machine(),
@@ -69,6 +88,9 @@ def main() -> None:
     gateways: dict[str, procs.Server] = {}
     try:
         gateways["one"] = procs.gateway(sim1.url, 1).start("/health")
+        if args.baseline:
+            src = export(args.baseline)
+            gateways[f"one@{args.baseline}"] = procs.gateway(sim1.url, 1, src=src).start("/health")
         two = {"VLLM_WRAPPER_CONFIG": config_file([sim1.url, sim2.url])}
         gateways["two"] = procs.gateway(sim1.url, 1, two).start("/health")
         models = {"VLLM_WRAPPER_CONFIG": config_file([sim1.url, sim3.url])}
@@ -82,7 +104,8 @@ def main() -> None:
         for s in scenarios:
             raw[s.key] = {name: [] for name in paths}
             for rep in range(args.repeat):
-                for name in paths[rep % 3 :] + paths[: rep % 3]:
+                k = rep % len(paths)
+                for name in paths[k:] + paths[:k]:
                     before = [served(x) for x in sims]
                     r = measure(gateways[name].url, gateways[name], sim1, s, args.duration, f.name)
                     r["served"] = [served(x) - b for x, b in zip(sims, before, strict=True)]
@@ -116,7 +139,9 @@ def render(raw: dict, scenarios: list, args: argparse.Namespace, meta: dict) -> 
         "file with two simulators serving one model (least-busy, body not read); "
         "**two-models** = two simulators, the second also serving `other`, so every request's "
         "`model` is read to route it. CPU ms/req = the gateway process's utime+stime / "
-        "requests. Spread = each upstream's share of the requests (all repetitions).",
+        "requests. Spread = each upstream's share of the requests (all repetitions). "
+        "**one@REV** (with `--baseline REV`) = the single-upstream gateway of that git "
+        "revision, for the cost of this code on the single-upstream path.",
         "",
     ]
     for s in scenarios:
@@ -132,7 +157,7 @@ def render(raw: dict, scenarios: list, args: argparse.Namespace, meta: dict) -> 
             rps = med([r["rps"] for r in runs])
             served = [sum(r["served"][i] for r in runs) for i in range(3)]
             total = sum(served) or 1
-            if name == "one":
+            if name.startswith("one"):
                 spread = "100 % / –"
             else:
                 second = served[1] if name == "two" else served[2]
