@@ -549,3 +549,18 @@ def test_sighup_reloads_every_worker(tmp_path: Path) -> None:
                 assert time.monotonic() < deadline + 60, gw.log_text()
                 time.sleep(0.1)
             assert "Received SIGHUP, restarting" not in gw.log_text()
+
+
+def test_comma_separated_base_url_balances_replicas() -> None:
+    with sims(2) as (a, b):
+        with gateway_server(f"{a.base_url},{b.base_url}", env=ENV) as gw:
+            health = httpx.get(gw.url + "/health", timeout=10).json()
+            assert health["status"] == "healthy"
+            assert [u["url"] for u in health["upstreams"]] == [a.base_url, b.base_url]
+            codes = run_parallel(2, 30, lambda c: c.post(gw.url + CHAT, json=body()).status_code)
+            assert codes == [200] * 60
+            assert chats(a) + chats(b) == 60 and chats(a) >= 15 and chats(b) >= 15
+            # One model served by both: the gateway lists it once, in vLLM's shape.
+            listed = httpx.get(gw.url + "/v1/models", timeout=10).json()
+            assert [m["id"] for m in listed["data"]] == [MODEL]
+            assert listed["data"][0]["max_model_len"] == 4096
