@@ -564,3 +564,21 @@ def test_comma_separated_base_url_balances_replicas() -> None:
             listed = httpx.get(gw.url + "/v1/models", timeout=10).json()
             assert [m["id"] for m in listed["data"]] == [MODEL]
             assert listed["data"][0]["max_model_len"] == 4096
+
+
+def test_health_follows_the_default_model(tmp_path: Path) -> None:
+    with sims(2, models=[MODEL, "small"]) as (big, small):
+        config = write_config(
+            tmp_path / "gw.toml", [{"url": big.base_url}, {"url": small.base_url}]
+        )
+        with gateway(config) as gw:
+            assert httpx.get(gw.url + "/health?strict=1", timeout=10).status_code == 200
+            kill(big)
+            r = httpx.get(gw.url + "/health?strict=1", timeout=10)
+            assert r.status_code == 503  # only "small" is served: VLLM_MODEL is not
+            health = r.json()
+            assert health["status"] == "unhealthy" and health["vllm_available"] is False
+            down = {u["url"]: u for u in health["upstreams"]}[big.base_url]
+            assert down["healthy"] is False and "connect" in down["last_error"]
+            r = httpx.post(gw.url + CHAT, json=body("small"), timeout=30)
+            assert r.status_code == 200  # the other model is still served
