@@ -39,6 +39,7 @@ class RequestInfo:
         "note",
         "request_id",
         "started",
+        "upstream",
         "upstream_ms",
         "usage",
     )
@@ -47,6 +48,7 @@ class RequestInfo:
         self.started = time.perf_counter()
         self.request_id = request_id
         self.upstream_ms: float | None = None
+        self.upstream = ""  # the chosen upstream's URL (without credentials), many upstreams only
         self.attempts = 0
         self.note = ""
         self._json: Any = _UNPARSED
@@ -127,5 +129,6 @@ class AccessLogMiddleware:
                     info.attempts,
                     rid.decode("latin-1"),
                     f" key={info.key.name}" if info.key is not None else "",
+                    f" via={info.upstream}" if info.upstream else "",
                     f" {info.note}" if info.note else "",
                 )

@@ -37,6 +37,7 @@ from proxy.asgi import Receive, Scope, Send
 from proxy.chatrequest import InvalidChat, parse_chat
 from proxy.config import Settings
 from proxy.errors import (
+    ClientError,
     GatewayError,
     MethodNotAllowed,
     UpstreamError,
@@ -170,12 +171,18 @@ class Chat:
         except InvalidChat as exc:
             await exc.send(send)
             return
-        upstream = self.relay.upstream
-        url = upstream.url("/chat/completions")
+        relay = self.relay
+        try:
+            dispatch = relay.router.dispatch(
+                payload["model"],
+                relay.router.session_key(scope["headers"], payload.get("user")),
+                info,
+            )
+        except ClientError as exc:  # no upstream serves the model
+            await exc.send(send)
+            return
         headers = upstream_request_headers(
-            [(b"content-type", b"application/json")],
-            api_key=self.relay.api_key,
-            request_id=info.request_id,
+            [(b"content-type", b"application/json")], api_key=b"", request_id=info.request_id
         )
         request = orjson.dumps(payload)
         ticket = None
@@ -190,13 +197,14 @@ class Chat:
 
         async def attempt() -> UpstreamResponse:
             info.attempts += 1
-            return await upstream.send("POST", url, headers, request)
+            return await dispatch.send("POST", "/chat/completions", b"", headers, request)
 
         try:
-            await self.relay.guard(
+            await relay.guard(
                 receive, info, lambda: self._exchange(send, attempt, info, payload["model"], stream)
             )
         finally:
+            dispatch.release()
             if ticket is not None:
                 ticket.finish(info)
 

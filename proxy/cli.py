@@ -40,10 +40,44 @@ def tune_gc() -> None:
 def worker_app() -> Starlette:
     """The app factory each ``--workers`` process runs: the gateway, then :func:`tune_gc`."""
     from proxy.gateway import create_app
+    from proxy.reload import signal_parent
 
-    app = create_app()
+    app = create_app(reload_fan_out=signal_parent)
     tune_gc()
     return app
+
+
+def run_workers(options: dict, workers: int) -> None:
+    """uvicorn's multi-process supervisor, except that ``SIGHUP`` reloads the config file in
+    every worker (forwarded to each) instead of restarting them."""
+    import signal
+
+    import uvicorn
+    from uvicorn.supervisors import Multiprocess
+
+    class ForwardHup(Multiprocess):
+        def handle_hup(self) -> None:
+            for process in self.processes:
+                if process.pid is not None:
+                    os.kill(process.pid, signal.SIGHUP)
+
+    config = uvicorn.Config("proxy.cli:worker_app", factory=True, workers=workers, **options)
+    ForwardHup(config, sockets=[config.bind_socket()]).run()
+
+
+def check_config(settings: Settings) -> str:
+    """Read and check the configuration file as start-up would; its summary, or ConfigError."""
+    from proxy.configfile import load
+    from proxy.routing.router import Router, upstream_specs
+
+    if not settings.config_path:
+        raise ConfigError("no configuration file: give --config PATH or VLLM_WRAPPER_CONFIG")
+    config = load(settings.config_path)
+    router = Router(settings, upstream_specs(settings, config), config.routing)
+    return (
+        f"{settings.config_path}: ok ({len(router.endpoints)} upstream(s), "
+        f"policy {router.rules.policy})"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,7 +114,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--config",
-        help="TOML configuration file: [[keys]], [limits], [state]... (VLLM_WRAPPER_CONFIG)",
+        metavar="PATH",
+        help="TOML configuration file: [[upstreams]], [routing], [[keys]], [limits], [state]... "
+        "(VLLM_WRAPPER_CONFIG); "
+        "SIGHUP or POST /admin/reload re-reads it",
+    )
+    parser.add_argument(
+        "--check-config",
+        action="store_true",
+        help="check the configuration file and exit: 0 when valid, else 1 with the error",
     )
     parser.add_argument(
         "--log-level",
@@ -143,15 +185,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         settings = resolve_settings(args)
     except ConfigError as exc:
         print(f"error: invalid setting {exc}", file=sys.stderr)
-        sys.exit(2)
-    config = None
-    if settings.config_path:
-        from proxy.configfile import load
-
+        sys.exit(1 if args.check_config else 2)
+    if args.check_config:
         try:
-            config = load(settings.config_path)  # checked here: one line, then exit
+            print(check_config(settings))
         except ConfigError as exc:
-            print(f"error: invalid configuration {exc}", file=sys.stderr)
+            print(f"error: {exc}", file=sys.stderr)
+            sys.exit(1)
+        return
+    if settings.config_path and args.workers > 1:
+        try:  # one clear line here rather than one per worker
+            check_config(settings)
+        except ConfigError as exc:
+            print(f"error: invalid configuration file: {exc}", file=sys.stderr)
             sys.exit(2)
 
     import uvicorn
@@ -172,9 +218,13 @@ def main(argv: Sequence[str] | None = None) -> None:
             sys.exit(2)
         asyncio.run(serve_demo(settings, options))
     elif args.workers > 1:
-        uvicorn.run("proxy.cli:worker_app", factory=True, workers=args.workers, **options)
+        run_workers(options, args.workers)
     else:
-        app = create_app(settings, config)
+        try:
+            app = create_app(settings)
+        except ConfigError as exc:
+            print(f"error: invalid configuration file: {exc}", file=sys.stderr)
+            sys.exit(2)
         tune_gc()
         uvicorn.run(app, **options)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +58,7 @@ class Settings:
     docs: bool = True
     config_path: str = ""
     redis_url: str = ""
+    connect_timeout: float = 3.0
 
     @classmethod
     def from_env(
@@ -91,7 +93,7 @@ class Settings:
             try:
                 kwargs[name] = parse(raw.strip())
             except ValueError as exc:
-                raise ConfigError(f"{var}={raw!r}: {exc}") from None
+                raise ConfigError(f"{var}={_shown(var, raw)!r}: {exc}") from None
         return cls(**kwargs).validated()
 
     def replace(self, **changes: Any) -> Settings:
@@ -106,13 +108,25 @@ class Settings:
             try:
                 parse(str(value))
             except ValueError as exc:
-                raise ConfigError(f"{var}={value!r}: {exc}") from None
+                raise ConfigError(f"{var}={_shown(var, value)!r}: {exc}") from None
+        if self.api_key:
+            for url in self.base_urls:
+                if url_has_credentials(url):
+                    raise ConfigError(
+                        f"VLLM_BASE_URL={redact_url(url)!r}: the URL carries credentials and "
+                        "VLLM_API_KEY is set; both would claim the Authorization header, give one"
+                    )
         return self
+
+    @property
+    def base_urls(self) -> tuple[str, ...]:
+        """The upstream base URLs: ``VLLM_BASE_URL`` may list several, comma-separated."""
+        return tuple(u.strip() for u in self.base_url.split(",") if u.strip())
 
     @property
     def public_base_url(self) -> str:
         """``base_url`` without credentials or query, safe to show."""
-        return redact_url(self.base_url)
+        return ",".join(redact_url(u) for u in self.base_urls)
 
 
 def parse_env_file(text: str) -> dict[str, str]:
@@ -139,6 +153,20 @@ def parse_env_file(text: str) -> dict[str, str]:
     return out
 
 
+def _shown(var: str, raw: object) -> str:
+    """A value for an error message: URLs without credentials, secrets not at all."""
+    if var == "VLLM_BASE_URL":
+        return re.sub(r"//[^/@]*@", "//***@", str(raw))
+    if var in ("VLLM_API_KEY", "VLLM_WRAPPER_API_KEY"):
+        return "***"
+    return str(raw)
+
+
+def url_has_credentials(url: str) -> bool:
+    parts = urlsplit(url)
+    return bool(parts.username or parts.password)
+
+
 def redact_url(url: str) -> str:
     parts = urlsplit(url)
     host = parts.hostname or ""
@@ -151,7 +179,22 @@ def redact_url(url: str) -> str:
 # ---- parsers: each raises ValueError with a short reason -------------------
 
 
-def _url(raw: str) -> str:
+def _urls(raw: str) -> str:
+    """One base URL or several, comma-separated (replicas); each checked like :func:`check_url`."""
+    urls = [u.strip() for u in raw.split(",") if u.strip()]
+    if not urls:
+        raise ValueError("expected an http:// or https:// URL")
+    seen = set()
+    for u in urls:
+        key = check_url(u)
+        if key in seen:
+            raise ValueError(f"{redact_url(u)} is listed twice")
+        seen.add(key)
+    return ",".join(check_url(u) for u in urls)
+
+
+def check_url(raw: str) -> str:
+    """An http(s) base URL with a host, a valid port and no query; trailing slash dropped."""
     parts = urlsplit(raw)
     if parts.scheme not in ("http", "https"):
         raise ValueError("expected an http:// or https:// URL")
@@ -246,7 +289,7 @@ def _host(raw: str) -> str:
 
 # environment variable -> (Settings field, parser)
 ENV_VARS: dict[str, tuple[str, Callable[[str], Any]]] = {
-    "VLLM_BASE_URL": ("base_url", _url),
+    "VLLM_BASE_URL": ("base_url", _urls),
     "VLLM_MODEL": ("model", _nonempty),
     "VLLM_API_KEY": ("api_key", str),
     "VLLM_WRAPPER_HOST": ("host", _host),
@@ -276,4 +319,5 @@ ENV_VARS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "VLLM_WRAPPER_DOCS": ("docs", _bool),
     "VLLM_WRAPPER_CONFIG": ("config_path", str),
     "VLLM_WRAPPER_REDIS_URL": ("redis_url", _redis_url),
+    "VLLM_WRAPPER_CONNECT_TIMEOUT": ("connect_timeout", _float_range(0.0, open_lo=True)),
 }

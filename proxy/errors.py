@@ -9,6 +9,7 @@
     │   ├── Forbidden               403   permission_error
     │   │   └── ModelNotAllowed     403   (code model_not_allowed: the key's models list)
     │   ├── NotFound                404
+│   │   └── ModelNotFound       404   model_not_found (no upstream serves the model)
     │   ├── RequestTimeout          408   (request body too slow)
     │   ├── PayloadTooLarge         413
     │   ├── URITooLong              414
@@ -90,6 +91,10 @@ class Forbidden(ClientError):
 class NotFound(ClientError):
     status = 404
     code = "not_found"
+
+
+class ModelNotFound(NotFound):
+    code = "model_not_found"
 
 
 class MethodNotAllowed(ClientError):

@@ -16,8 +16,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -41,9 +42,10 @@ from proxy.inflight import InFlight, InFlightMiddleware
 from proxy.keys import Keys
 from proxy.limits import Limiter, UsageEndpoint
 from proxy.passthrough import Passthrough, Relay
+from proxy.reload import AdminReload, Reloader
 from proxy.retry import RetryPolicy
+from proxy.routing.router import Router, upstream_specs
 from proxy.state import StateSpec
-from proxy.upstream import Upstream
 
 log = logging.getLogger(__name__)
 
@@ -122,27 +124,65 @@ def state_spec(settings: Settings, config: FileConfig) -> StateSpec:
     return spec
 
 
-def create_app(settings: Settings | None = None, config: FileConfig | None = None) -> Starlette:
-    """Build the gateway from ``settings`` (default: from the environment and ``.env``)
-    and the configuration file (``config``, else the file ``settings.config_path`` names)."""
+def _keys_stage(keys: Keys, env_api_key: str) -> Callable[[FileConfig], Callable[[], Any]]:
+    """The key ring's part in a reload: build the new ring (checks it), then swap it in."""
+
+    def prepare(config: FileConfig) -> Callable[[], Any]:
+        ring = Keys.build(env_api_key, config.keys, config.limits).ring
+
+        async def commit() -> None:
+            keys.ring = ring
+
+        return commit
+
+    return prepare
+
+
+def create_app(
+    settings: Settings | None = None,
+    config: FileConfig | None = None,
+    *,
+    reload_fan_out: Callable[[], None] | None = None,
+) -> Starlette:
+    """Build the gateway from ``settings`` (default: from the environment and ``.env``).
+
+    ``config`` is the configuration file's content; when None and ``settings.config_path``
+    is set, the file is read here (a bad one raises :class:`ConfigError`, one line).
+    ``reload_fan_out`` (``--workers N``) makes ``POST /admin/reload`` reload every worker.
+    """
     if settings is None:
         settings = Settings.from_env()
-    if config is None:
-        config = load(settings.config_path) if settings.config_path else FileConfig()
-    keys = Keys.build(settings.wrapper_api_key, config.keys, config.limits)
-    limiter = Limiter(keys, state_spec(settings, config))
-    upstream = Upstream(settings)
-    relay = Relay(upstream, RetryPolicy.from_settings(settings), settings, limiter)
+    if config is None and settings.config_path:
+        config = load(settings.config_path)
+    file_config = config or FileConfig()
+    keys = Keys.build(settings.wrapper_api_key, file_config.keys, file_config.limits)
+    limiter = Limiter(keys, state_spec(settings, file_config))
+    router = Router(
+        settings,
+        upstream_specs(settings, config),
+        config.routing if config is not None else None,
+        managed=config is not None,
+    )
+    reloader = None
+    if config is not None and config.path:
+        reloader = Reloader(config.path)
+        reloader.register(router.prepare)
+        reloader.register(_keys_stage(keys, settings.wrapper_api_key))
+    relay = Relay(router, RetryPolicy.from_settings(settings), settings, limiter)
     exposure = Exposure(
         settings.extra_paths, proxy_all=settings.proxy_all, allow_admin=settings.allow_admin
     )
     passthrough = Passthrough(relay, exposure)
 
     routes = [
-        Route("/health", Health(upstream, settings)),
+        Route("/health", Health(router, settings)),
         Route("/models", Models(relay)),
         Route("/chat", Chat(relay, settings)),
         Route("/usage", UsageEndpoint(keys, limiter)),
+        Route(
+            "/admin/reload",
+            AdminReload(reloader, auth_on=bool(keys.ring), fan_out=reload_fan_out),
+        ),
         # /v1/... goes through V1Lane below; bare /v1 gets a 404 of ours, not a redirect.
         Route("/v1", passthrough),
     ]
@@ -180,13 +220,13 @@ def create_app(settings: Settings | None = None, config: FileConfig | None = Non
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        async with upstream:
-            try:
-                yield
-                # Requests the server has not finished (or has just cancelled) end first.
-                await inflight.wait_idle(settings.graceful_timeout)
-            finally:
-                await limiter.aclose()
+        async with router, contextlib.AsyncExitStack() as stack:
+            stack.push_async_callback(limiter.aclose)
+            if reloader is not None:
+                await stack.enter_async_context(reloader.on_sighup())
+            yield
+            # Requests the server has not finished (or has just cancelled) end first.
+            await inflight.wait_idle(settings.graceful_timeout)
 
     app = Starlette(
         routes=routes,
@@ -195,7 +235,8 @@ def create_app(settings: Settings | None = None, config: FileConfig | None = Non
         exception_handlers={HTTPException: _http_error, Exception: _server_error},
     )
     app.state.settings = settings  # for introspection only; handlers get theirs passed in
-    app.state.upstream = upstream
-    app.state.keys = keys  # reload: keys.apply(settings.wrapper_api_key, new_config)
+    app.state.upstream = router.endpoints[0].upstream
+    app.state.router = router
+    app.state.keys = keys
     app.state.limiter = limiter
     return app

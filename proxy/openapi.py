@@ -183,6 +183,21 @@ def build_openapi(settings: Settings, root_path: str = "") -> dict[str, Any]:
                     },
                 }
             },
+            "/admin/reload": {
+                "post": {
+                    "tags": ["Operations"],
+                    "summary": "Re-read the configuration file",
+                    "description": "Needs `VLLM_WRAPPER_API_KEY`; with auth off, only from "
+                    "loopback. A bad file changes nothing (400 `invalid_config`).",
+                    "responses": {
+                        "200": {"description": "Reloaded"},
+                        "202": {"description": "Every worker signalled (`--workers N`)"},
+                        "400": _error("No config file, or a bad one (nothing changed)"),
+                        "401": _ERRORS["401"],
+                        "403": _error("Auth off and the request is not from loopback"),
+                    },
+                }
+            },
             "/models": {
                 "get": {
                     "tags": ["Operations"],
@@ -369,6 +384,22 @@ _SCHEMAS: dict[str, Any] = {
             "vllm_available": {"type": "boolean"},
             "model": {"type": "string"},
             "base_url": {"type": "string"},
+            "upstreams": {
+                "description": "With many upstreams or a config file: each one's state",
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "url": {"type": "string"},
+                        "healthy": {"type": "boolean"},
+                        "in_flight": {"type": "integer"},
+                        "weight": {"type": "integer"},
+                        "models": {"type": ["array", "null"], "items": {"type": "string"}},
+                        "last_error": {"type": ["string", "null"]},
+                        "load": {"type": ["object", "null"]},
+                    },
+                },
+            },
         },
     },
     "ModelList": {

@@ -31,6 +31,8 @@ from proxy.headers import (
 )
 from proxy.limits import Limiter, Ticket
 from proxy.retry import RetryPolicy, send_with_retry
+from proxy.routing.catalog import send_catalog
+from proxy.routing.router import Router
 from proxy.upstream import Upstream, UpstreamResponse
 
 log = logging.getLogger(__name__)
@@ -43,15 +45,16 @@ class Relay:
 
     def __init__(
         self,
-        upstream: Upstream,
+        router: Router | Upstream,
         policy: RetryPolicy,
         settings: Settings,
         limiter: Limiter | None = None,
     ) -> None:
-        self.upstream = upstream
+        if isinstance(router, Upstream):
+            router = Router.around(router, settings)
+        self.router = router
         self.policy = policy
         self.limiter = limiter
-        self.api_key = settings.api_key.encode()
         self.max_body = settings.max_body_bytes
         self.body_timeout = settings.body_timeout
         self.max_header_bytes = settings.max_header_bytes
@@ -72,19 +75,27 @@ class Relay:
                 return
             if ticket is not None:
                 body, send = ticket.body, ticket.wrap(send)
+        try:
+            dispatch = self.router.route(scope["headers"], body, info)
+        except ClientError as exc:  # no upstream serves the model
+            await exc.send(send)
+            if ticket is not None:
+                ticket.finish(info)
+            return
+        # Each upstream adds its own authorization (its key, or credentials from its URL).
         headers = upstream_request_headers(
-            scope["headers"], api_key=self.api_key, request_id=info.request_id
+            scope["headers"], api_key=b"", request_id=info.request_id
         )
-        url = self.upstream.url(path, query)
         method = scope["method"]
 
         async def attempt() -> UpstreamResponse:
             info.attempts += 1
-            return await self.upstream.send(method, url, headers, body)
+            return await dispatch.send(method, path, query, headers, body)
 
         try:
             await self.guard(receive, info, lambda: self._exchange(send, attempt, info, ticket))
         finally:
+            dispatch.release()  # the response is closed: the upstream's in-flight count ends
             if ticket is not None:
                 ticket.finish(info)
 
@@ -225,6 +236,14 @@ class Passthrough:
         problem = self.exposure.check(scope["method"], sub)
         if problem is not None:
             await problem.send(send)
+            return
+        if (
+            sub.startswith("/models")
+            and not self.relay.router.single
+            and (sub == "/models" or sub.startswith("/models/"))
+            and scope["method"] in ("GET", "HEAD")
+        ):  # many upstreams: the gateway answers with the union of their lists
+            await send_catalog(self.relay.router, sub, send)
             return
         path = quote(sub, safe=_PATH_SAFE)
         await self.relay(scope, receive, send, path=path, query=scope["query_string"])

@@ -12,6 +12,7 @@ lifespan events to mounted apps). It needs an asyncio event loop.
 
 from __future__ import annotations
 
+import base64
 import logging
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
@@ -20,7 +21,7 @@ from types import TracebackType
 import aiohttp
 from yarl import URL
 
-from proxy.config import Settings
+from proxy.config import ConfigError, Settings, redact_url
 from proxy.errors import (
     PoolExhausted,
     UpstreamConnectTimeout,
@@ -102,19 +103,53 @@ class UpstreamResponse:
             response.close()  # unread body: the connection cannot be reused; vLLM aborts
 
 
-class Upstream:
-    """Owns the pooled client for one upstream base URL."""
+def split_credentials(url: str) -> tuple[str, str | None]:
+    """``url`` without ``user:pass@``, and the ``Basic`` authorization those credentials make."""
+    parts = URL(url)
+    if parts.user is None and parts.password is None:
+        return url.rstrip("/"), None
+    plain = str(parts.with_user(None)).rstrip("/")
+    pair = f"{parts.user or ''}:{parts.password or ''}".encode()
+    return plain, "Basic " + base64.b64encode(pair).decode("ascii")
 
-    def __init__(self, settings: Settings) -> None:
-        self.base_url = settings.base_url.rstrip("/")
-        self._api_key = settings.api_key
+
+class Upstream:
+    """Owns the pooled client for one upstream base URL.
+
+    ``url``, ``api_key`` and ``max_connections`` override the settings' (one entry of
+    ``[[upstreams]]``). Credentials in the URL (``http://user:pass@host/v1``) become a
+    ``Basic`` authorization when there is no API key; with both, start-up is refused.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        url: str | None = None,
+        api_key: str | None = None,
+        max_connections: int | None = None,
+    ) -> None:
+        base, basic = split_credentials(url if url is not None else settings.base_urls[0])
+        self.base_url = base
+        self.public_url = redact_url(base)
+        key = settings.api_key if api_key is None else api_key
+        if key and basic:
+            raise ConfigError(
+                f"upstream {self.public_url}: the URL carries credentials and an API key is "
+                "set; both would claim the Authorization header, give one"
+            )
+        self._api_key = key
+        self.authorization = ("Bearer " + key) if key else basic
         t = settings.timeout
+        c = min(settings.connect_timeout, t)
         # sock_read is the idle time between two reads (also waiting for the headers),
-        # not a cap on a long stream; connect includes waiting for a pooled connection.
-        self._timeout = aiohttp.ClientTimeout(total=None, connect=t, sock_connect=t, sock_read=t)
+        # not a cap on a long stream; connect includes waiting for a pooled connection,
+        # sock_connect is the TCP (and TLS) connect alone: short, so a black-holed upstream
+        # is failed over in seconds.
+        self._timeout = aiohttp.ClientTimeout(total=None, connect=t, sock_connect=c, sock_read=t)
         h = settings.health_timeout
         self._probe_timeout = aiohttp.ClientTimeout(total=h, connect=h, sock_read=h)
-        self._max_connections = settings.max_connections
+        self._max_connections = max_connections or settings.max_connections
         self._keepalive = settings.keepalive_expiry
         self._client: aiohttp.ClientSession | None = None
         self._users = 0
@@ -185,6 +220,8 @@ class Upstream:
     ) -> UpstreamResponse:
         """Send one request; return once the response headers are in. Body not yet read."""
         str_headers = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in headers]
+        if self.authorization is not None:
+            str_headers.append(("authorization", self.authorization))
         with mapped_errors("request"):
             try:
                 response = await self.client.request(
@@ -202,7 +239,7 @@ class Upstream:
 
     async def probe(self) -> tuple[bool, str]:
         """Quick availability check: ``GET {base}/models`` with the short health timeout."""
-        headers = {"authorization": "Bearer " + self._api_key} if self._api_key else {}
+        headers = {"authorization": self.authorization} if self.authorization else {}
         try:
             async with self.client.get(
                 URL(self.url("/models"), encoded=True),
@@ -216,3 +253,23 @@ class Upstream:
         if status == 200:
             return True, "ok"
         return False, f"upstream answered {status}"
+
+    @property
+    def root_url(self) -> str:
+        """The server root (``/health``, ``/metrics`` live there): the base without ``/v1``."""
+        return self.base_url[:-3] if self.base_url.endswith("/v1") else self.base_url
+
+    async def fetch(self, url: str) -> tuple[int, bytes]:
+        """``GET url`` (health check, model list, metrics) within the health timeout.
+
+        Returns the status and body; raises :class:`UpstreamError` when there is no answer.
+        """
+        headers = {"authorization": self.authorization} if self.authorization else {}
+        with mapped_errors("health check"):
+            async with self.client.get(
+                URL(url, encoded=True),
+                headers=headers,
+                timeout=self._probe_timeout,
+                allow_redirects=False,
+            ) as response:
+                return response.status, await response.read()

@@ -63,6 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="no /v1/embeddings route (404), like a real vLLM serving a generative model",
     )
     p.add_argument(
+        "--max-running",
+        type=int,
+        default=None,
+        metavar="N",
+        help="run at most N generations at once; the rest queue (vllm:num_requests_waiting)",
+    )
+    p.add_argument(
         "--log-level",
         default="info",
         choices=["critical", "error", "warning", "info", "debug", "trace"],
@@ -93,6 +100,7 @@ def parse_options(argv: Sequence[str] | None = None) -> SimOptions:
             log_level=args.log_level,
             access_log=args.access_log,
             embeddings=not args.no_embeddings,
+            max_running=args.max_running,
         )
     except ValueError as exc:
         parser.error(str(exc))
