@@ -4,9 +4,10 @@ The key is kept only as a SHA-256 digest and compared with
 ``secrets.compare_digest`` on digests, so neither content nor length leaks
 through timing. The scheme is case-insensitive (``bearer`` works, as in
 vLLM). Paths are matched after stripping ``root_path``, so the exemptions
-hold when the gateway is mounted under a prefix. CORS preflights (OPTIONS
-with ``Access-Control-Request-Method``) pass, as browsers send them without
-credentials.
+hold when the gateway is mounted under a prefix. Every other request needs the
+key, ``OPTIONS`` included: CORS preflights (which browsers send without
+credentials) are answered by the CORS middleware outside this one when
+``VLLM_WRAPPER_CORS_ORIGINS`` is set, and never reach it or an upstream.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ class BearerAuthMiddleware:
         if not self.enabled or scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
-        if route_path(scope) in self.exempt or _is_preflight(scope):
+        if route_path(scope) in self.exempt:
             await self.app(scope, receive, send)
             return
         problem = self._check(scope["headers"])
@@ -58,9 +59,3 @@ class BearerAuthMiddleware:
         if not secrets.compare_digest(digest, self._digest):
             return "invalid API key"
         return None
-
-
-def _is_preflight(scope: Scope) -> bool:
-    if scope["type"] != "http" or scope["method"] != "OPTIONS":
-        return False
-    return any(n == b"access-control-request-method" for n, _ in scope["headers"])

@@ -1,0 +1,307 @@
+"""Hostile clients and broken upstreams on raw sockets against real processes (issue 12).
+
+The gateway runs as ``python -m proxy`` (uvicorn + the bounded httptools protocol), auth
+on, with short head timeouts so the time-outs show within the test's deadlines.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from tests.integration.conftest import GATEWAY_ENV, KEY, Sim
+from tests.support.procfs import open_fds, rss_bytes
+from tests.support.rawclient import connect, exchange, flood, read_until_close, status_of
+from tests.support.rawupstream import RawUpstream
+from tests.support.servers import ServerProcess, gateway_server
+
+HEAD_LIMIT = 16 * 1024
+HEAD_TIMEOUT = 1.0
+AUTH = b"authorization: Bearer " + KEY.encode() + b"\r\n"
+
+HARD_ENV = {
+    **GATEWAY_ENV,
+    "VLLM_WRAPPER_API_KEY": KEY,
+    "VLLM_WRAPPER_MAX_HEADER_BYTES": str(HEAD_LIMIT),
+    "VLLM_WRAPPER_HEADER_TIMEOUT": str(HEAD_TIMEOUT),
+}
+
+
+@pytest.fixture(scope="module")
+def hard(sim: Sim) -> Iterator[ServerProcess]:
+    with gateway_server(sim.base_url, env=HARD_ENV) as server:
+        yield server
+
+
+def _pid(server: ServerProcess) -> int:
+    assert server.proc is not None
+    return server.proc.pid
+
+
+def _healthy(server: ServerProcess) -> None:
+    assert httpx.get(server.url + "/health", timeout=10).status_code == 200
+
+
+# -- 1. the request head is bounded in size and time ------------------------------------
+
+
+def test_endless_header_lines_are_refused_431_while_they_arrive(hard: ServerProcess) -> None:
+    rss_before = rss_bytes(_pid(hard))
+    with connect(hard.port) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nhost: x\r\n")
+        sent = flood(sock, b"x-fill: " + b"a" * 1000 + b"\r\n", max_bytes=64 << 20)
+        answer = read_until_close(sock)
+    assert status_of(answer) == 431, answer[:300]
+    assert b"request_headers_too_large" in answer
+    assert sent < 32 << 20  # the server stopped it long before the flood was out
+    assert rss_bytes(_pid(hard)) - rss_before < 32 << 20
+    _healthy(hard)
+
+
+def test_one_huge_header_value_is_refused_431(hard: ServerProcess) -> None:
+    with connect(hard.port) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nhost: x\r\nx-big: ")
+        flood(sock, b"b" * 65536, max_bytes=64 << 20)
+        answer = read_until_close(sock)
+    assert status_of(answer) == 431, answer[:300]
+    _healthy(hard)
+
+
+def test_long_request_target_is_refused(hard: ServerProcess) -> None:
+    with connect(hard.port) as sock:
+        sock.sendall(b"GET /health?" + b"p" * (HEAD_LIMIT * 2) + b" HTTP/1.1\r\nhost: x\r\n\r\n")
+        answer = read_until_close(sock)
+    assert status_of(answer) == 414, answer[:300]
+    assert b"uri_too_long" in answer
+
+
+def test_head_just_under_the_limit_is_served(hard: ServerProcess) -> None:
+    filler = b"x-fill: " + b"a" * (HEAD_LIMIT // 2) + b"\r\n"
+    answer = exchange(
+        hard.port, b"GET /health HTTP/1.1\r\nhost: x\r\nconnection: close\r\n" + filler + b"\r\n"
+    )
+    assert status_of(answer) == 200, answer[:300]
+
+
+def test_slow_head_gets_408_after_the_head_timeout(hard: ServerProcess) -> None:
+    with connect(hard.port) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nhost: x\r\n")
+        start = time.monotonic()
+        answer = b""
+        # one byte a fifth of a second, far longer than the head timeout
+        for _ in range(200):
+            try:
+                sock.sendall(b"x")
+            except OSError:
+                break
+            time.sleep(0.2)
+            if time.monotonic() - start > 30:
+                break
+            sock.setblocking(False)
+            try:
+                answer += sock.recv(65536)
+            except BlockingIOError:
+                pass
+            finally:
+                sock.setblocking(True)
+            if answer:
+                break
+        answer += read_until_close(sock, timeout=5)
+    assert status_of(answer) == 408, answer[:300]
+    assert b"request_timeout" in answer
+
+
+def test_idle_connections_are_closed_after_the_head_timeout(hard: ServerProcess) -> None:
+    socks = [connect(hard.port) for _ in range(50)]
+    try:
+        for sock in socks:
+            # nothing sent: the server closes without an answer
+            assert read_until_close(sock, timeout=15) == b""
+    finally:
+        for sock in socks:
+            sock.close()
+    _healthy(hard)
+
+
+def test_fds_come_back_after_head_attacks(hard: ServerProcess) -> None:
+    pid = _pid(hard)
+    _healthy(hard)
+    fds_before = open_fds(pid)
+    socks = [connect(hard.port) for _ in range(30)]
+    for i, sock in enumerate(socks):
+        sock.sendall(b"GET /health HTTP/1.1\r\n" if i % 2 else b"")
+    for sock in socks:
+        read_until_close(sock, timeout=15)
+        sock.close()
+    deadline = time.monotonic() + 15
+    while open_fds(pid) > fds_before + 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert open_fds(pid) <= fds_before + 2
+
+
+def test_keep_alive_requests_still_work(hard: ServerProcess) -> None:
+    with connect(hard.port) as sock:
+        for _ in range(3):
+            sock.sendall(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += sock.recv(65536)
+            head, _, body = data.partition(b"\r\n\r\n")
+            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            while len(body) < length:
+                body += sock.recv(65536)
+            assert status_of(head) == 200
+            assert b"healthy" in body
+
+
+# -- a scripted upstream on raw sockets ---------------------------------------------------
+
+
+def _answer(body: bytes, status: bytes = b"200 OK", extra: bytes = b"") -> bytes:
+    return (
+        b"HTTP/1.1 " + status + b"\r\ncontent-type: application/json\r\n"
+        b"content-length: %d\r\n" % len(body) + extra + b"\r\n" + body
+    )
+
+
+@pytest.fixture(scope="module")
+def scripted() -> Iterator[RawUpstream]:
+    with RawUpstream("script", script=lambda conn, req, n: False) as upstream:
+        yield upstream
+
+
+@pytest.fixture(scope="module")
+def front(scripted: RawUpstream) -> Iterator[ServerProcess]:
+    """The gateway (auth on, every path relayed) in front of the scripted upstream."""
+    env = {
+        **HARD_ENV,
+        "VLLM_API_KEY": "upstream-secret",
+        "VLLM_WRAPPER_PROXY_ALL": "true",
+        "VLLM_MAX_RETRIES": "0",
+    }
+    with gateway_server(scripted.base_url, env=env) as server:
+        yield server
+
+
+def _echo(conn: socket.socket, request: bytes, n: int) -> bool:
+    """Answers every request with its own head, as JSON text (an echoing upstream)."""
+    conn.sendall(_answer(json.dumps({"echo": request.decode("latin-1")}).encode()))
+    return True
+
+
+# -- 2. no request without a valid key reaches an upstream --------------------------------
+
+
+@pytest.mark.parametrize("origin", [b"", b"origin: http://evil.example\r\n"])
+def test_keyless_options_is_refused_and_never_relayed(
+    front: ServerProcess, scripted: RawUpstream, origin: bytes
+) -> None:
+    scripted.script = _echo
+    before = scripted.receipts
+    answer = exchange(
+        front.port,
+        b"OPTIONS /v1/models HTTP/1.1\r\nhost: x\r\naccess-control-request-method: POST\r\n"
+        + origin
+        + b"content-length: 2\r\nconnection: close\r\n\r\n{}",
+    )
+    assert status_of(answer) == 401, answer[:300]
+    assert b"upstream-secret" not in answer
+    assert scripted.receipts == before
+
+
+def test_preflight_with_cors_on_is_answered_by_the_gateway(sim: Sim) -> None:
+    with RawUpstream("script", script=_echo) as upstream:
+        env = {**HARD_ENV, "VLLM_WRAPPER_CORS_ORIGINS": "http://app.example"}
+        with gateway_server(upstream.base_url, env=env) as gw:
+            before = upstream.receipts  # the start-up health probe
+            answer = exchange(
+                gw.port,
+                b"OPTIONS /v1/chat/completions HTTP/1.1\r\nhost: x\r\n"
+                b"origin: http://app.example\r\naccess-control-request-method: POST\r\n"
+                b"connection: close\r\n\r\n",
+            )
+            keyless = exchange(
+                gw.port,
+                b"OPTIONS /v1/models HTTP/1.1\r\nhost: x\r\n"
+                b"access-control-request-method: POST\r\nconnection: close\r\n\r\n",
+            )
+        assert status_of(answer) == 200, answer[:300]
+        assert b"access-control-allow-origin: http://app.example" in answer.lower()
+        assert status_of(keyless) == 401, keyless[:300]
+        assert upstream.receipts == before
+
+
+# -- 3. a pooled connection with unexpected bytes is never reused -------------------------
+
+
+def test_a_late_second_response_never_reaches_the_next_client(
+    front: ServerProcess, scripted: RawUpstream
+) -> None:
+    def poison(conn: socket.socket, request: bytes, n: int) -> bool:
+        if b"x-first: yes" in request:
+            conn.sendall(_answer(b'{"first":true}'))
+            time.sleep(0.3)  # the gateway has released the connection to its pool
+            conn.sendall(_answer(b'{"poison":"yes!"}'))
+            return True
+        conn.sendall(_answer(b'{"honest":true}'))
+        return True
+
+    scripted.script = poison
+    headers = {"authorization": f"Bearer {KEY}"}
+    with httpx.Client(timeout=10) as client:
+        first = client.get(front.url + "/v1/models", headers={**headers, "x-first": "yes"})
+        assert first.json() == {"first": True}
+        time.sleep(0.8)  # the poison has arrived on the idle pooled connection
+        for _ in range(5):
+            nxt = client.post(front.url + "/v1/completions", headers=headers, json={})
+            assert nxt.json() == {"honest": True}, nxt.text
+
+
+# -- 4. trailers are never headers -----------------------------------------------------------
+
+
+def _chunked_post(path: bytes, trailers: bytes, auth: bytes = b"") -> bytes:
+    return (
+        b"POST " + path + b" HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n"
+        b"content-type: application/json\r\nconnection: close\r\n"
+        + auth
+        + b"\r\n2\r\n{}\r\n0\r\n"
+        + trailers
+        + b"\r\n"
+    )
+
+
+def test_a_key_sent_as_a_trailer_does_not_authenticate(
+    front: ServerProcess, scripted: RawUpstream
+) -> None:
+    scripted.script = _echo
+    before = scripted.receipts
+    answer = exchange(front.port, _chunked_post(b"/v1/completions", AUTH))
+    assert status_of(answer) == 401, answer[:300]
+    assert scripted.receipts == before
+
+
+def test_trailers_are_not_forwarded(front: ServerProcess, scripted: RawUpstream) -> None:
+    scripted.script = _echo
+    answer = exchange(front.port, _chunked_post(b"/v1/completions", b"x-trailer: sneaky\r\n", AUTH))
+    assert status_of(answer) == 200, answer[:300]
+    assert b"sneaky" not in answer
+    assert b"x-trailer" not in answer.lower()
+
+
+def test_a_trailer_flood_closes_the_connection(front: ServerProcess, scripted: RawUpstream) -> None:
+    scripted.script = _echo
+    rss_before = rss_bytes(_pid(front))
+    with connect(front.port) as sock:
+        sock.sendall(_chunked_post(b"/v1/completions", b"", AUTH)[:-2])  # trailers still open
+        sent = flood(sock, b"x-t: " + b"t" * 1000 + b"\r\n", max_bytes=64 << 20)
+        answer = read_until_close(sock)
+    assert sent < 32 << 20
+    assert b"x-t: ttt" not in answer
+    assert rss_bytes(_pid(front)) - rss_before < 32 << 20
+    _healthy(front)
