@@ -305,3 +305,197 @@ def test_a_trailer_flood_closes_the_connection(front: ServerProcess, scripted: R
     assert b"x-t: ttt" not in answer
     assert rss_bytes(_pid(front)) - rss_before < 32 << 20
     _healthy(front)
+
+
+# -- 5, 8. /chat reads upstream answers bounded, and any unreadable one is a 502 ---------
+
+CHAT = {"messages": [{"role": "user", "content": "hi"}]}
+BEARER = {"authorization": f"Bearer {KEY}"}
+
+
+def _sse(conn: socket.socket, *events: bytes) -> None:
+    conn.sendall(
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+    )
+    for event in events:
+        conn.sendall(b"%x\r\n%s\r\n" % (len(event), event))
+    conn.sendall(b"0\r\n\r\n")
+
+
+def _chat(front: ServerProcess, stream: bool) -> httpx.Response:
+    return httpx.post(
+        front.url + "/chat", json={**CHAT, "stream": stream}, headers=BEARER, timeout=30
+    )
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"choices":[{"message":{"content":"x"}}],"usage":{"prompt_tokens":"many"}}',
+        b'{"choices":[{"message":{"content":["x"]}}]}',
+        b'{"choices":[{"message":{"content":"x"}}],"model":{"a":1}}',
+        b'{"choices":{"0":{"message":{"content":"x"}}}}',
+        b'{"choices":["x"]}',
+        b"[1,2]",
+    ],
+)
+def test_wrongly_typed_answers_are_502(
+    front: ServerProcess, scripted: RawUpstream, body: bytes
+) -> None:
+    scripted.script = lambda conn, req, n: conn.sendall(_answer(body)) or True
+    r = _chat(front, stream=False)
+    assert r.status_code == 502, r.text
+    assert r.json()["error"]["code"] == "upstream_protocol_error"
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        b'data: {"choices":[{"index":0,"delta":{"content":42}}]}\n\n',
+        b'data: {"choices":["nope"]}\n\n',
+        b'data: {"choices":{"index":0}}\n\n',
+        b'data: {"choices":[{"index":0,"delta":"x"}]}\n\n',
+        b'data: {"choices":[],"usage":{"prompt_tokens":[1]}}\n\n',
+    ],
+)
+def test_wrongly_typed_stream_events_end_in_event_error(
+    front: ServerProcess, scripted: RawUpstream, event: bytes
+) -> None:
+    good = b'data: {"choices":[{"index":0,"delta":{"content":"ok"}}]}\n\n'
+    scripted.script = lambda conn, req, n: _sse(conn, good, event, b"data: [DONE]\n\n") or False
+    r = _chat(front, stream=True)
+    assert r.status_code == 200
+    assert b"data: ok" in r.content
+    assert b"event: error" in r.content and b"upstream_protocol_error" in r.content, r.content
+    assert b"[DONE]" not in r.content
+
+
+def test_an_endless_sse_line_ends_in_event_error_with_memory_flat(
+    front: ServerProcess, scripted: RawUpstream
+) -> None:
+    def endless(conn: socket.socket, request: bytes, n: int) -> bool:
+        conn.sendall(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+            b"transfer-encoding: chunked\r\n\r\n"
+        )
+        piece = b"x" * 65536
+        frame = b"%x\r\n%s\r\n" % (len(piece) + 6, b"data: " + piece)
+        try:
+            for _ in range(1024):  # up to 64 MiB, never a line end
+                conn.sendall(frame)
+        except OSError:
+            pass
+        return False
+
+    scripted.script = endless
+    rss_before = rss_bytes(_pid(front))
+    r = _chat(front, stream=True)
+    assert b"event: error" in r.content and b"upstream_protocol_error" in r.content
+    assert rss_bytes(_pid(front)) - rss_before < 48 << 20
+
+
+def test_an_oversized_whole_answer_is_502(front: ServerProcess, scripted: RawUpstream) -> None:
+    big = b'{"choices":[{"message":{"content":"' + b"y" * (20 << 20) + b'"}}]}'
+    scripted.script = lambda conn, req, n: conn.sendall(_answer(big)) or False
+    r = _chat(front, stream=False)
+    assert r.status_code == 502, r.text[:300]
+    assert r.json()["error"]["code"] == "upstream_protocol_error"
+
+
+# -- 7. /chat refuses deep nesting with 400 ------------------------------------------------
+
+
+@pytest.mark.parametrize("depth", [200, 300, 1024])
+def test_deeply_nested_chat_is_400(front: ServerProcess, depth: int) -> None:
+    nested = "[" * depth + "]" * depth
+    body = '{"messages":[{"role":"user","content":"hi"}],"extra":' + nested + "}"
+    r = httpx.post(
+        front.url + "/chat",
+        content=body,
+        headers={**BEARER, "content-type": "application/json"},
+        timeout=10,
+    )
+    assert r.status_code == 400, r.text[:300]
+    assert r.json()["error"]["param"] == "body"
+
+
+# -- 9. broken upstream heads are a 502 -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"HTTP/1.1 200 OK\r\nx-bad: a\x01b\r\ncontent-length: 2\r\n\r\n{}",
+        b"HTTP/1.1 999 Odd\r\ncontent-length: 2\r\n\r\n{}",
+        b"HTTP/1.1 099 Odd\r\ncontent-length: 2\r\n\r\n{}",
+        b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n",
+    ],
+)
+def test_broken_upstream_heads_are_502(
+    front: ServerProcess, scripted: RawUpstream, head: bytes
+) -> None:
+    scripted.script = lambda conn, req, n: conn.sendall(head) or False
+    for path in ("/v1/models", "/chat"):
+        method = "GET" if path == "/v1/models" else "POST"
+        r = httpx.request(method, front.url + path, json=CHAT, headers=BEARER, timeout=10)
+        assert r.status_code == 502, (path, r.status_code, r.text[:300])
+        assert r.json()["error"]["code"] == "upstream_protocol_error"
+
+
+# -- 10. an h2c upgrade never drops a body ----------------------------------------------------
+
+
+def test_h2c_upgrade_with_a_body_is_refused_not_relayed(
+    front: ServerProcess, scripted: RawUpstream
+) -> None:
+    scripted.script = _echo
+    before = scripted.receipts
+    answer = exchange(
+        front.port,
+        b"POST /v1/completions HTTP/1.1\r\nhost: x\r\n"
+        + AUTH
+        + b"connection: upgrade, http2-settings\r\n"
+        b"upgrade: h2c\r\nhttp2-settings: AAMAAABkAAQAAP__\r\ncontent-type: application/json\r\n"
+        b'content-length: 13\r\n\r\n{"prompt":""}',
+    )
+    assert status_of(answer) == 400, answer[:300]
+    assert b"unsupported_upgrade" in answer
+    assert scripted.receipts == before
+
+
+def test_h2c_upgrade_without_a_body_is_served(front: ServerProcess, scripted: RawUpstream) -> None:
+    scripted.script = _echo
+    answer = exchange(
+        front.port,
+        b"GET /v1/models HTTP/1.1\r\nhost: x\r\n"
+        + AUTH
+        + b"connection: upgrade, http2-settings\r\n"
+        b"upgrade: h2c\r\nhttp2-settings: AAMAAABkAAQAAP__\r\n\r\n",
+        timeout=10,
+    )
+    assert status_of(answer) == 200, answer[:300]
+
+
+# -- 6. one request, one log line ------------------------------------------------------------
+
+
+def test_control_characters_in_the_path_stay_on_one_log_line(
+    front: ServerProcess, scripted: RawUpstream
+) -> None:
+    scripted.script = _echo
+    marker = f"forged{time.monotonic_ns()}"
+    target = f"/v1/models%0A{marker}%200%20upstream=1ms%0D%1B[31m%00%E2%80%A8end"
+    exchange(
+        front.port,
+        f"GET {target} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n".encode() + AUTH + b"\r\n",
+    )
+    deadline = time.monotonic() + 10
+    while marker not in front.log_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    lines = [line for line in front.log_text().splitlines() if marker in line]
+    assert len(lines) == 1, lines
+    line = lines[0]
+    assert "proxy.access" in line and "\\x0A" + marker in line, line
+    for raw in ("\r", "\x1b", "\x00", "\u2028"):
+        assert raw not in line
+    assert "\\x0D\\x1B[31m\\x00\\xE2\\x80\\xA8end" in line
