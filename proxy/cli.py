@@ -152,7 +152,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         "access_log": False,  # the gateway logs one line per request itself
         "timeout_graceful_shutdown": settings.graceful_timeout,
         # httptools with the request head bounded in size and time (proxy/server.py)
-        "http": HttpLimits(settings.max_header_bytes, settings.header_timeout),
+        "http": HttpLimits(
+            settings.max_header_bytes, settings.header_timeout, settings.send_timeout
+        ),
     }
     if settings.demo:
         if args.workers > 1:

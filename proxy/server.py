@@ -14,10 +14,13 @@ the app sees anything:
 - trailers of a chunked request body are dropped (never headers: not for auth, not
   forwarded), and more than ``max_head_bytes`` of them close the connection;
 - an ``Upgrade`` the gateway does not speak (``h2c``) on a request with a body is
-  refused with 400, since the parser stops at the upgrade and the body would be lost.
+  refused with 400, since the parser stops at the upgrade and the body would be lost;
+- a client that stops reading a response for ``send_timeout`` seconds (the socket's
+  buffers full, writing paused) is disconnected, so the request ends and its
+  upstream request is closed (vLLM aborts the generation).
 
-Per read it adds two integer comparisons; bench/RESULTS.md has the CPU measurement
-that chose this over uvicorn's pure-Python ``h11`` protocol.
+Per read it adds two integer comparisons, per request one timer; bench/RESULTS.md
+has the CPU measurement that chose this over uvicorn's pure-Python ``h11`` protocol.
 
 :class:`HttpLimits` is the picklable factory uvicorn is given as ``http=`` (it is
 copied into each ``--workers`` process).
@@ -50,6 +53,7 @@ class HttpLimits:
 
     max_head_bytes: int = 64 * 1024
     head_timeout: float = 10.0
+    send_timeout: float = 60.0
 
     def __call__(
         self,
@@ -76,6 +80,8 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         super().__init__(config, server_state, app_state, _loop)
         self.max_head_bytes = limits.max_head_bytes
         self.head_timeout = limits.head_timeout
+        self.send_timeout = limits.send_timeout
+        self.send_timer: asyncio.TimerHandle | None = None
         self.in_head = True  # between two messages, or inside a head
         self.head_started = False
         self.head_bytes = 0  # bytes read since the head began (at most one read too many)
@@ -96,6 +102,7 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         self._cancel_head_timer()
         if self.linger_timer is not None:
             self.linger_timer.cancel()
+        self._cancel_send_timer()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -118,6 +125,25 @@ class BoundedHttpProtocol(HttpToolsProtocol):
             self.trailer_bytes += len(data)
             if self.trailer_bytes > self.max_head_bytes:
                 self._refuse(None)
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self.send_timer is None:
+            self.send_timer = self.loop.call_later(self.send_timeout, self._send_timed_out)
+
+    def resume_writing(self) -> None:
+        self._cancel_send_timer()
+        super().resume_writing()
+
+    def _cancel_send_timer(self) -> None:
+        if self.send_timer is not None:
+            self.send_timer.cancel()
+            self.send_timer = None
+
+    def _send_timed_out(self) -> None:
+        self.send_timer = None
+        self.logger.info("client read nothing for %g s; disconnecting it", self.send_timeout)
+        self.transport.abort()  # close() would wait for the buffer to drain: never
 
     # -- parser callbacks ---------------------------------------------------------------
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
 import time
 from collections.abc import Iterator
 
@@ -29,6 +30,7 @@ HARD_ENV = {
     "VLLM_WRAPPER_API_KEY": KEY,
     "VLLM_WRAPPER_MAX_HEADER_BYTES": str(HEAD_LIMIT),
     "VLLM_WRAPPER_HEADER_TIMEOUT": str(HEAD_TIMEOUT),
+    "VLLM_WRAPPER_SEND_TIMEOUT": "1",
 }
 
 
@@ -192,6 +194,47 @@ def _echo(conn: socket.socket, request: bytes, n: int) -> bool:
     """Answers every request with its own head, as JSON text (an echoing upstream)."""
     conn.sendall(_answer(json.dumps({"echo": request.decode("latin-1")}).encode()))
     return True
+
+
+# -- 11. a client that stops reading does not hold its generation ---------------------------
+
+
+def test_a_client_that_stops_reading_is_disconnected_and_the_upstream_closed(
+    front: ServerProcess, scripted: RawUpstream
+) -> None:
+    closed = threading.Event()
+
+    def endless_stream(conn: socket.socket, request: bytes, n: int) -> bool:
+        conn.sendall(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+            b"transfer-encoding: chunked\r\n\r\n"
+        )
+        event = b'data: {"choices":[{"text":"' + b"t" * 60000 + b'"}]}\n\n'
+        frame = b"%x\r\n%s\r\n" % (len(event), event)
+        conn.settimeout(60)
+        try:
+            for _ in range(100_000):  # far more than any socket buffers hold
+                conn.sendall(frame)
+        except OSError:
+            closed.set()  # the gateway closed the upstream request
+        return False
+
+    scripted.script = endless_stream
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(30)
+    sock.connect(("127.0.0.1", front.port))
+    try:
+        sock.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nhost: x\r\n"
+            + AUTH
+            + b"content-type: application/json\r\ncontent-length: 2\r\n\r\n{}"
+        )
+        assert sock.recv(1)  # the stream started; now read nothing more
+        assert closed.wait(30), "the upstream stream was still open after 30 s"
+    finally:
+        sock.close()
+    _healthy(front)
 
 
 # -- 2. no request without a valid key reaches an upstream --------------------------------
