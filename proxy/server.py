@@ -19,7 +19,8 @@ the app sees anything:
   buffers full, writing paused) is disconnected, so the request ends and its
   upstream request is closed (vLLM aborts the generation).
 
-Per read it adds two integer comparisons, per request one timer; bench/RESULTS.md
+Per read it adds two integer comparisons, per request a clock read (one head timer per
+connection at a time, re-armed at most once per timeout); bench/RESULTS.md
 has the CPU measurement that chose this over uvicorn's pure-Python ``h11`` protocol.
 
 :class:`HttpLimits` is the picklable factory uvicorn is given as ``http=`` (it is
@@ -65,6 +66,10 @@ class HttpLimits:
         return BoundedHttpProtocol(config, server_state, app_state, _loop, limits=self)
 
 
+# The default limits, for ``uvicorn proxy:app --http proxy.server:bounded``.
+bounded = HttpLimits()
+
+
 class BoundedHttpProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with a bounded, timed request head and no trailers."""
 
@@ -81,14 +86,15 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         self.max_head_bytes = limits.max_head_bytes
         self.head_timeout = limits.head_timeout
         self.send_timeout = limits.send_timeout
-        self.send_timer: asyncio.TimerHandle | None = None
         self.in_head = True  # between two messages, or inside a head
-        self.head_started = False
+        self.head_started: float | None = None  # loop time the head in progress began
         self.head_bytes = 0  # bytes read since the head began (at most one read too many)
+        self.feeding = 0  # size of the read being parsed
         self.in_trailers = False
         self.trailer_bytes = 0
         self.refused = False
         self.head_timer: asyncio.TimerHandle | None = None
+        self.send_timer: asyncio.TimerHandle | None = None
         self.linger_timer: asyncio.TimerHandle | None = None
 
     # -- connection -------------------------------------------------------------------
@@ -96,35 +102,35 @@ class BoundedHttpProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         # Also the idle timeout of a new connection: it must send a head in time.
-        self._arm_head_timer()
+        self.head_timer = self.loop.call_later(self.head_timeout, self._head_timed_out)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._cancel_head_timer()
-        if self.linger_timer is not None:
-            self.linger_timer.cancel()
-        self._cancel_send_timer()
+        for timer in (self.head_timer, self.send_timer, self.linger_timer):
+            if timer is not None:
+                timer.cancel()
+        self.head_timer = self.send_timer = self.linger_timer = None
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
         if self.refused:
-            return
+            return  # lingering after a refusal: read and drop
         counting_head = self.in_head
         counting_trailers = self.in_trailers
+        self.feeding = len(data)
         super().data_received(data)
         if self.refused or self.transport.is_closing():
             return
         if counting_head and self.in_head:
             self.head_bytes += len(data)
             if self.head_bytes > self.max_head_bytes:
+                limit = self.max_head_bytes
                 self._refuse(
-                    HeadersTooLarge(
-                        f"request head is larger than the limit of {self.max_head_bytes} bytes"
-                    )
+                    HeadersTooLarge(f"request head is larger than the limit of {limit} bytes")
                 )
         elif counting_trailers and self.in_trailers:
             self.trailer_bytes += len(data)
             if self.trailer_bytes > self.max_head_bytes:
-                self._refuse(None)
+                self._refuse(None)  # a response may be under way: just close
 
     def pause_writing(self) -> None:
         super().pause_writing()
@@ -132,62 +138,59 @@ class BoundedHttpProtocol(HttpToolsProtocol):
             self.send_timer = self.loop.call_later(self.send_timeout, self._send_timed_out)
 
     def resume_writing(self) -> None:
-        self._cancel_send_timer()
-        super().resume_writing()
-
-    def _cancel_send_timer(self) -> None:
         if self.send_timer is not None:
             self.send_timer.cancel()
             self.send_timer = None
-
-    def _send_timed_out(self) -> None:
-        self.send_timer = None
-        self.logger.info("client read nothing for %g s; disconnecting it", self.send_timeout)
-        self.transport.abort()  # close() would wait for the buffer to drain: never
+        super().resume_writing()
 
     # -- parser callbacks ---------------------------------------------------------------
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self.in_head = True
-        self.head_started = True
+        self.head_started = self.loop.time()
         self.head_bytes = 0
         self.in_trailers = False
         self.trailer_bytes = 0
         if self.head_timer is None:
-            self._arm_head_timer()
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if not self.in_head:
-            # A trailer of a chunked body: never a header. Counted, then dropped.
-            self.trailer_bytes += len(name) + len(value)
-            return
-        super().on_header(name, value)
+            # One timer at a time per connection: on keep-alive it is re-armed at most
+            # once per head_timeout, not per request.
+            self.head_timer = self.loop.call_later(self.head_timeout, self._head_timed_out)
 
     def on_headers_complete(self) -> None:
         self.in_head = False
-        self.head_started = False
-        self._cancel_head_timer()
-        if len(self.url) + headers_size(self.headers) > self.max_head_bytes:
-            # The whole head came in one read, so the count in data_received missed it.
-            limit = self.max_head_bytes
+        self.head_started = None
+        limit = self.max_head_bytes
+        # A head that came in one read was not counted in data_received.
+        if (
+            self.head_bytes + self.feeding > limit
+            and len(self.url) + headers_size(self.headers) > limit
+        ):
             self._refuse(
                 URITooLong(f"request target is longer than the limit of {limit} bytes")
                 if len(self.url) > limit
                 else HeadersTooLarge(f"request head is larger than the limit of {limit} bytes")
             )
             return
-        if self.parser.should_upgrade() and not self._should_upgrade() and self._has_body():
-            # The parser stops at an upgrade, so the body would be lost: refuse instead.
-            self._refuse(
-                BadRequest(
-                    "Upgrade is not supported on a request with a body; "
-                    "send it without the Upgrade header",
-                    code="unsupported_upgrade",
+        if self.parser.should_upgrade():
+            if self._should_upgrade():  # a WebSocket: its own protocol takes over
+                self._cancel_head_timer()
+            elif self._has_body():
+                # The parser stops at an upgrade, so the body would be lost: refuse instead.
+                self._refuse(
+                    BadRequest(
+                        "Upgrade is not supported on a request with a body; "
+                        "send it without the Upgrade header",
+                        code="unsupported_upgrade",
+                    )
                 )
-            )
+                return
+            super().on_headers_complete()
             return
         super().on_headers_complete()
+        # The scope has its headers; chunked-body trailers, which uvicorn's on_header
+        # appends to the same list, now go to a list nobody reads.
+        self.headers = []
 
     def on_body(self, body: bytes) -> None:
         self.in_trailers = False
@@ -205,7 +208,7 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         if not self.refused:
             super().on_message_complete()
 
-    # -- refusing -----------------------------------------------------------------------
+    # -- timeouts and refusals ------------------------------------------------------------
 
     def _has_body(self) -> bool:
         for name, value in self.headers:
@@ -215,9 +218,6 @@ class BoundedHttpProtocol(HttpToolsProtocol):
                 return True
         return False
 
-    def _arm_head_timer(self) -> None:
-        self.head_timer = self.loop.call_later(self.head_timeout, self._head_timed_out)
-
     def _cancel_head_timer(self) -> None:
         if self.head_timer is not None:
             self.head_timer.cancel()
@@ -225,18 +225,28 @@ class BoundedHttpProtocol(HttpToolsProtocol):
 
     def _head_timed_out(self) -> None:
         self.head_timer = None
-        if self.transport.is_closing() or not self.in_head:
+        if self.refused or self.transport.is_closing():
             return
-        if self.cycle is not None and not self.cycle.response_complete:
-            # A response is still going out: let it finish, then close.
+        if self.head_started is None:
+            if self.cycle is None:
+                self.transport.close()  # a new connection that sent nothing: no answer
+            # else: between requests (uvicorn's keep-alive timeout) or in a body
+            return
+        left = self.head_started + self.head_timeout - self.loop.time()
+        if left > 0:  # this head began after the timer was set
+            self.head_timer = self.loop.call_later(left, self._head_timed_out)
+        elif self.cycle is not None and not self.cycle.response_complete:
+            # A pipelined head behind a response still going out: close after it.
             self.cycle.keep_alive = False
-            return
-        if self.head_started or self.head_bytes:
+        else:
             self._refuse(
                 RequestTimeout(f"request head not received within {self.head_timeout:g} s")
             )
-        else:
-            self.transport.close()  # idle: nothing to answer
+
+    def _send_timed_out(self) -> None:
+        self.send_timer = None
+        self.logger.info("client read nothing for %g s; disconnecting it", self.send_timeout)
+        self.transport.abort()  # close() would wait for the buffer to drain: never
 
     def _refuse(self, error: ClientError | None) -> None:
         """Answer ``error`` (when no response is under way) and close the connection."""
@@ -245,9 +255,6 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         if error is None or (self.cycle is not None and not self.cycle.response_complete):
             self.transport.close()  # a response is going out: nothing else can be said
             return
-        self._answer_and_close(error)
-
-    def _answer_and_close(self, error: ClientError) -> None:
         body = error.body()
         head = [STATUS_LINE[error.status]]
         for name, value in self.server_state.default_headers:

@@ -542,3 +542,12 @@ def test_control_characters_in_the_path_stay_on_one_log_line(
     for raw in ("\r", "\x1b", "\x00", "\u2028"):
         assert raw not in line
     assert "\\x0D\\x1B[31m\\x00\\xE2\\x80\\xA8end" in line
+
+
+def test_the_limits_hold_in_every_worker_process(sim: Sim) -> None:
+    with gateway_server(sim.base_url, "--workers", "2", env=HARD_ENV) as gw:
+        for _ in range(4):  # the kernel spreads connections over both workers
+            with connect(gw.port) as sock:
+                sock.sendall(b"GET /health HTTP/1.1\r\nhost: x\r\n")
+                flood(sock, b"x-fill: " + b"a" * 1000 + b"\r\n", max_bytes=8 << 20)
+                assert status_of(read_until_close(sock)) == 431
