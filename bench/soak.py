@@ -68,7 +68,7 @@ GATEWAY_ENV = {
     "VLLM_WRAPPER_HEADER_TIMEOUT": "2",
 }
 ATTACKS = ("oversized_head", "slow_head", "trailer_flood", "idle")
-FLOOD_LINE = b"x-flood: " + b"f" * 1000 + b"\r\n"
+FLOOD = (b"x-flood: " + b"f" * 1000 + b"\r\n") * 16  # 16 KiB of header lines per write
 
 
 async def _drain(reader: asyncio.StreamReader, timeout: float) -> bytes:
@@ -107,10 +107,10 @@ async def one_attack(host: str, port: int, kind: str) -> str:
                 b"POST /v1/completions HTTP/1.1\r\nhost: soak\r\ntransfer-encoding: chunked\r\n"
                 b"content-type: application/json\r\n\r\n2\r\n{}\r\n0\r\n"
             )
-        for _ in range(2048):  # up to 2 MiB, far over the 64 KiB limit
+        for _ in range(128):  # up to 2 MiB, far over the 64 KiB limit
             if answer_task.done():
                 break
-            writer.write(FLOOD_LINE)
+            writer.write(FLOOD)
             try:
                 await asyncio.wait_for(writer.drain(), 5)
             except (TimeoutError, ConnectionError):
@@ -191,8 +191,10 @@ async def run_load(
                     unexpected[f"{scenario}:{outcome}"] += 1
 
         async def attacker(i: int) -> None:
+            n = i
             while time.monotonic() < deadline:
-                kind = ATTACKS[(i + sum(attacks.values())) % len(ATTACKS)]
+                kind = ATTACKS[n % len(ATTACKS)]
+                n += 1
                 outcome = await one_attack("127.0.0.1", port, kind)
                 attacks[kind] += 1
                 if outcome != "expected":

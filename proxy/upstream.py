@@ -83,7 +83,7 @@ class _IdleGuard(ResponseHandler):
     idle = False
 
     def data_received(self, data: bytes) -> None:
-        if self.idle:
+        if self.idle and data:  # aiohttp calls it with b"" itself to resume reading
             log.warning("upstream wrote %d bytes on an idle connection; closing it", len(data))
             self.force_close()
             self.close()
@@ -94,7 +94,7 @@ class _IdleGuard(ResponseHandler):
 class _GuardedConnector(aiohttp.TCPConnector):
     """``TCPConnector`` whose connections are :class:`_IdleGuard` s, idle while pooled.
 
-    ``_factory``, ``_release`` and ``_get`` are aiohttp internals (3.9 to 3.14): the pool
+    ``_factory``, ``_release`` and ``_get`` are aiohttp internals (as of 3.14): the pool
     has no public hook for "a connection went back" or "one is handed out".
     """
 

@@ -17,7 +17,14 @@ import pytest
 
 from tests.integration.conftest import GATEWAY_ENV, KEY, Sim
 from tests.support.procfs import open_fds, rss_bytes
-from tests.support.rawclient import connect, exchange, flood, read_until_close, status_of
+from tests.support.rawclient import (
+    connect,
+    exchange,
+    flood,
+    read_response,
+    read_until_close,
+    status_of,
+)
 from tests.support.rawupstream import RawUpstream
 from tests.support.servers import ServerProcess, gateway_server
 
@@ -150,13 +157,7 @@ def test_keep_alive_requests_still_work(hard: ServerProcess) -> None:
     with connect(hard.port) as sock:
         for _ in range(3):
             sock.sendall(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
-            data = b""
-            while b"\r\n\r\n" not in data:
-                data += sock.recv(65536)
-            head, _, body = data.partition(b"\r\n\r\n")
-            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
-            while len(body) < length:
-                body += sock.recv(65536)
+            head, body = read_response(sock)
             assert status_of(head) == 200
             assert b"healthy" in body
 

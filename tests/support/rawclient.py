@@ -31,6 +31,36 @@ def read_until_close(sock: socket.socket, timeout: float = 15.0, limit: int = 1 
     return data
 
 
+def read_message(sock: socket.socket) -> tuple[bytes, bytes] | None:
+    """One HTTP/1.1 message with a ``Content-Length`` body (or none): (head, body), or None
+    if the peer closes first."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return None
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return None
+        body += chunk
+    return head, body
+
+
+def read_response(sock: socket.socket) -> tuple[bytes, bytes]:
+    """One response off a keep-alive connection: (head, body)."""
+    message = read_message(sock)
+    assert message is not None, "the server closed the connection"
+    return message
+
+
 def exchange(port: int, raw: bytes, timeout: float = 15.0) -> bytes:
     """Send ``raw``, then read until the server closes the connection."""
     with connect(port, timeout) as sock:

@@ -24,6 +24,8 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+from tests.support.rawclient import read_message
+
 
 def _reset(conn: socket.socket) -> None:
     # SO_LINGER with a zero timeout makes close() send RST instead of FIN.
@@ -36,24 +38,8 @@ Script = Callable[[socket.socket, bytes, int], bool]
 
 def _read_request(conn: socket.socket) -> bytes | None:
     """One whole request (head and Content-Length body), or None at end of stream."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = conn.recv(65536)
-        if not chunk:
-            return None
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    length = 0
-    for line in head.split(b"\r\n")[1:]:
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            length = int(value)
-    while len(body) < length:
-        chunk = conn.recv(65536)
-        if not chunk:
-            return None
-        body += chunk
-    return head + b"\r\n\r\n" + body
+    message = read_message(conn)
+    return None if message is None else message[0] + b"\r\n\r\n" + message[1]
 
 
 class RawUpstream:
