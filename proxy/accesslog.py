@@ -7,12 +7,15 @@ response, and logs one line when the request ends::
     POST /v1/chat/completions 200 upstream=12.3ms bytes=4567 dur=812.0ms id=ab12... key=team-a
 
 The key is named by its ``name``; bodies, keys and the ``authorization`` header are
-never logged.
+never logged. Client-controlled values
+(method, path) are escaped as nginx does (bytes outside printable ASCII, ``"`` and
+``\\`` become ``\\xHH``), so one request is always one line.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import time
 from typing import Any
 
@@ -25,6 +28,19 @@ log = logging.getLogger("proxy.access")
 
 SCOPE_KEY = "vllm_wrapper.request"
 _UNPARSED: Any = object()
+
+_UNSAFE = re.compile(r'[^\x20-\x7e]|["\\]')
+
+
+def _hex(match: re.Match[str]) -> str:
+    return "".join(f"\\x{b:02X}" for b in match.group().encode("utf-8", "backslashreplace"))
+
+
+def escape(text: str) -> str:
+    """``text`` safe for one log line: no control characters, no line separators."""
+    if text.isascii() and text.isprintable() and '"' not in text and "\\" not in text:
+        return text
+    return _UNSAFE.sub(_hex, text)
 
 
 class RequestInfo:
@@ -114,14 +130,19 @@ class AccessLogMiddleware:
 
         try:
             await self.app(scope, receive, send_wrapper)
+        except Exception:
+            # Starlette's error handler, outside this middleware, answers 500 when no
+            # response has started (after that the server cuts the connection).
+            status = status or 500
+            raise
         finally:
             if self.enabled and log.isEnabledFor(logging.INFO):
                 dur = (time.perf_counter() - start) * 1000
                 up = f"{info.upstream_ms:.1f}ms" if info.upstream_ms is not None else "-"
                 log.info(
-                    "%s %s %s upstream=%s bytes=%d dur=%.1fms attempts=%d id=%s%s%s",
-                    scope["method"],
-                    scope["path"],
+                    "%s %s %s upstream=%s bytes=%d dur=%.1fms attempts=%d id=%s%s%s%s",
+                    escape(scope["method"]),
+                    escape(scope["path"]),
                     status or "-",
                     up,
                     sent,

@@ -6,9 +6,10 @@ through timing. The key found is recorded on the request's ``RequestInfo``
 (``info.key``) for the stages after this one (limits, logs). An expired key is a
 401. The scheme is case-insensitive (``bearer`` works, as in vLLM). Paths are
 matched after stripping ``root_path``, so the exemptions hold when the gateway
-is mounted under a prefix. CORS preflights (OPTIONS with
-``Access-Control-Request-Method``) pass, as browsers send them without
-credentials. The ring can be swapped at run time (``Keys.apply``).
+is mounted under a prefix. Every other request needs a key, ``OPTIONS`` included: CORS
+preflights (which browsers send without credentials) are answered by the CORS
+middleware outside this one when ``VLLM_WRAPPER_CORS_ORIGINS`` is set, and never reach
+it or an upstream. The ring can be swapped at run time (reload).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ class BearerAuthMiddleware:
         if not self.keys.ring or scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
-        if route_path(scope) in self.exempt or _is_preflight(scope):
+        if route_path(scope) in self.exempt:
             await self.app(scope, receive, send)
             return
         found = self._check(scope["headers"])
@@ -63,9 +64,3 @@ class BearerAuthMiddleware:
         if key.expires is not None and time.time() >= key.expires:
             return f"API key '{key.name}' has expired"
         return key
-
-
-def _is_preflight(scope: Scope) -> bool:
-    if scope["type"] != "http" or scope["method"] != "OPTIONS":
-        return False
-    return any(n == b"access-control-request-method" for n, _ in scope["headers"])

@@ -58,16 +58,39 @@ _SSE_HEADERS = [
 ]
 
 
+# The most of an upstream error body /chat reads (it shows at most 1000 characters).
+ERROR_BODY_BYTES = 1024 * 1024
+
+
+def _count(raw: dict[str, Any], name: str) -> int | None:
+    value = raw.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+        raise UpstreamProtocolError(f"upstream sent a usage.{name} that is not a number")
+    return int(value)
+
+
 def _usage(raw: Any) -> dict[str, int]:
-    raw = raw if isinstance(raw, dict) else {}
-    prompt = int(raw.get("prompt_tokens") or 0)
-    completion = int(raw.get("completion_tokens") or 0)
-    total = raw.get("total_tokens")
+    """Token counts from an upstream ``usage``; raises UpstreamProtocolError if unreadable."""
+    if raw is not None and not isinstance(raw, dict):
+        raise UpstreamProtocolError("upstream sent a usage that is not an object")
+    raw = raw or {}
+    prompt = _count(raw, "prompt_tokens") or 0
+    completion = _count(raw, "completion_tokens") or 0
+    total = _count(raw, "total_tokens")
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
-        "total_tokens": int(total) if total is not None else prompt + completion,
+        "total_tokens": total if total is not None else prompt + completion,
     }
+
+
+def _text(value: Any, what: str) -> str | None:
+    """``value`` if it is a string or null; else UpstreamProtocolError naming ``what``."""
+    if value is None or isinstance(value, str):
+        return value
+    raise UpstreamProtocolError(f"upstream sent a {what} that is not a string")
 
 
 def translate_completion(body: bytes, fallback_model: str) -> dict[str, Any]:
@@ -76,21 +99,22 @@ def translate_completion(body: bytes, fallback_model: str) -> dict[str, Any]:
         data = orjson.loads(body)
         choice = data["choices"][0]
         content = choice["message"].get("content")
+        model = data.get("model")
     except (orjson.JSONDecodeError, KeyError, IndexError, TypeError, AttributeError) as exc:
         raise UpstreamProtocolError(
-            f"upstream sent an unexpected chat completion ({exc!r})"
+            f"upstream sent an unexpected chat completion ({type(exc).__name__})"
         ) from None
     return {
-        "content": content or "",
-        "model": data.get("model") or fallback_model,
+        "content": _text(content, "message content") or "",
+        "model": _text(model, "model") or fallback_model,
         "usage": _usage(data.get("usage")),
-        "finish_reason": choice.get("finish_reason"),
+        "finish_reason": _text(choice.get("finish_reason"), "finish_reason"),
     }
 
 
 async def relay_error(send: Send, response: UpstreamResponse) -> None:
     """An upstream error answer (4xx/5xx) with its status; its body if JSON, else wrapped."""
-    body = await response.read()
+    body = await response.read(limit=ERROR_BODY_BYTES)
     try:
         parsed = orjson.loads(body)
     except orjson.JSONDecodeError:
@@ -129,16 +153,25 @@ class _StreamState:
         if "error" in chunk:
             error = chunk["error"] if isinstance(chunk["error"], dict) else {}
             raise UpstreamError(str(error.get("message") or "upstream reported an error"))
-        self.model = chunk.get("model") or self.model
+        self.model = _text(chunk.get("model"), "model") or self.model
         if chunk.get("usage"):
             self.usage = _usage(chunk["usage"])
+        choices = chunk.get("choices") or []
+        if not isinstance(choices, list):
+            raise UpstreamProtocolError("upstream sent 'choices' that is not a list")
         text = None
-        for choice in chunk.get("choices") or ():
+        for choice in choices:
+            if not isinstance(choice, dict):
+                raise UpstreamProtocolError("upstream sent a choice that is not an object")
             if choice.get("index", 0) != 0:
                 continue
-            if choice.get("finish_reason"):
-                self.finish_reason = choice["finish_reason"]
-            text = (choice.get("delta") or {}).get("content")
+            finish_reason = _text(choice.get("finish_reason"), "finish_reason")
+            if finish_reason:
+                self.finish_reason = finish_reason
+            delta = choice.get("delta") or {}
+            if not isinstance(delta, dict):
+                raise UpstreamProtocolError("upstream sent a delta that is not an object")
+            text = _text(delta.get("content"), "delta content")
         return text or None
 
     def summary(self) -> bytes:

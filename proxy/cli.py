@@ -203,6 +203,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     import uvicorn
 
     from proxy.gateway import create_app
+    from proxy.server import HttpLimits
 
     options: dict = {
         "host": settings.host,
@@ -211,6 +212,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         "log_config": log_config(settings.log_level),
         "access_log": False,  # the gateway logs one line per request itself
         "timeout_graceful_shutdown": settings.graceful_timeout,
+        # httptools with the request head bounded in size and time (proxy/server.py)
+        "http": HttpLimits(
+            settings.max_header_bytes, settings.header_timeout, settings.send_timeout
+        ),
     }
     if settings.demo:
         if args.workers > 1:

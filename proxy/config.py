@@ -42,6 +42,8 @@ class Settings:
     max_body_bytes: int = 16 * 1024 * 1024
     max_header_bytes: int = 64 * 1024
     body_timeout: float = 30.0
+    header_timeout: float = 10.0
+    send_timeout: float = 60.0
     health_timeout: float = 2.0
     retry_backoff: float = 0.25
     retry_backoff_max: float = 4.0
@@ -303,6 +305,8 @@ ENV_VARS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "VLLM_WRAPPER_MAX_BODY_BYTES": ("max_body_bytes", _int_range(1)),
     "VLLM_WRAPPER_MAX_HEADER_BYTES": ("max_header_bytes", _int_range(1024)),
     "VLLM_WRAPPER_BODY_TIMEOUT": ("body_timeout", _float_range(0.0, open_lo=True)),
+    "VLLM_WRAPPER_HEADER_TIMEOUT": ("header_timeout", _float_range(0.0, open_lo=True)),
+    "VLLM_WRAPPER_SEND_TIMEOUT": ("send_timeout", _float_range(0.0, open_lo=True)),
     "VLLM_WRAPPER_HEALTH_TIMEOUT": ("health_timeout", _float_range(0.0, open_lo=True)),
     "VLLM_WRAPPER_RETRY_BACKOFF": ("retry_backoff", _float_range(0.0)),
     "VLLM_WRAPPER_RETRY_BACKOFF_MAX": ("retry_backoff_max", _float_range(0.0)),

@@ -21,13 +21,14 @@ from proxy.accesslog import RequestInfo, request_info
 from proxy.asgi import Receive, Scope, Send, route_path
 from proxy.body import ClientDisconnected, check_head, read_body, wait_disconnect
 from proxy.config import Settings
-from proxy.errors import ClientError, GatewayError, UpstreamError
+from proxy.errors import ClientError, GatewayError, UpstreamError, UpstreamProtocolError
 from proxy.exposure import Exposure
 from proxy.headers import (
     HeaderList,
     client_response_headers,
     get_header,
     upstream_request_headers,
+    writable,
 )
 from proxy.limits import Limiter, Ticket
 from proxy.retry import RetryPolicy, send_with_retry
@@ -165,7 +166,12 @@ class Relay:
         """``send_with_retry`` with the upstream time recorded; logs and re-raises failures."""
         start = time.perf_counter()
         try:
-            return await send_with_retry(attempt, self.policy)
+            response = await send_with_retry(attempt, self.policy)
+            if not 200 <= response.status <= 599:
+                # 1xx (101 to a client that never asked to upgrade) or not a status at all
+                await response.aclose()
+                raise UpstreamProtocolError(f"upstream answered status {response.status}")
+            return response
         except UpstreamError as exc:
             info.note = exc.code or ""
             log.warning("upstream failed: %s (id=%s)", exc.message, info.request_id)
@@ -187,6 +193,13 @@ class Relay:
             await exc.send(send)
             return True
         headers = client_response_headers(response.headers)
+        if not writable(headers):
+            await response.aclose()
+            error = UpstreamProtocolError("upstream sent a header the gateway cannot relay")
+            info.note = error.code or ""
+            log.warning("upstream failed: %s (id=%s)", error.message, info.request_id)
+            await error.send(send)
+            return True
         stream = is_event_stream(headers)
         if not stream:
             headers.append(server_timing(info, time.perf_counter()))

@@ -13,12 +13,14 @@ lifespan events to mounted apps). It needs an asyncio event loop.
 from __future__ import annotations
 
 import base64
+import functools
 import logging
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from types import TracebackType
 
 import aiohttp
+from aiohttp.client_proto import ResponseHandler
 from yarl import URL
 
 from proxy.config import ConfigError, Settings, redact_url
@@ -33,6 +35,9 @@ from proxy.errors import (
 from proxy.headers import HeaderList
 
 log = logging.getLogger(__name__)
+
+# The most :meth:`UpstreamResponse.read` takes in (a whole answer the gateway parses).
+MAX_READ_BYTES = 16 * 1024 * 1024
 
 # Headers aiohttp would add on its own; the relay forwards the client's instead.
 _SKIP_AUTO = frozenset({"Accept", "Accept-Encoding", "User-Agent", "Content-Type"})
@@ -69,6 +74,52 @@ class PoolFull(Exception):
     """No pooled connection came free within the timeout."""
 
 
+class _IdleGuard(ResponseHandler):
+    """A pooled connection that the upstream writes to while it is idle is closed.
+
+    aiohttp would parse such bytes (a late second response) and hand them to the next
+    request sent on the connection as its answer: another client's response.
+    """
+
+    idle = False
+
+    def data_received(self, data: bytes) -> None:
+        if self.idle and data:  # aiohttp calls it with b"" itself to resume reading
+            log.warning("upstream wrote %d bytes on an idle connection; closing it", len(data))
+            self.force_close()
+            self.close()
+            return
+        super().data_received(data)
+
+
+class _GuardedConnector(aiohttp.TCPConnector):
+    """``TCPConnector`` whose connections are :class:`_IdleGuard` s, idle while pooled.
+
+    ``_factory``, ``_release`` and ``_get`` are aiohttp internals (as of 3.14): the pool
+    has no public hook for "a connection went back" or "one is handed out".
+    """
+
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self._factory = functools.partial(_IdleGuard, loop=self._loop)
+
+    def _release(self, key, protocol, *, should_close=False):  # type: ignore[no-untyped-def]
+        super()._release(key, protocol, should_close=should_close)
+        if protocol.transport is not None:  # pooled, not closed
+            protocol.idle = True
+
+    async def _get(self, key, traces):  # type: ignore[no-untyped-def]
+        while True:
+            connection = await super()._get(key, traces)
+            if connection is None:
+                return None
+            protocol = connection.protocol
+            protocol.idle = False
+            if not protocol.should_close:
+                return connection
+            connection.close()  # it holds bytes nobody asked for: never reuse it
+
+
 class UpstreamResponse:
     """A response whose headers have arrived and whose body streams as raw bytes."""
 
@@ -89,8 +140,15 @@ class UpstreamResponse:
                     return
                 yield chunk
 
-    async def read(self) -> bytes:
-        parts = [c async for c in self.chunks()]
+    async def read(self, limit: int = MAX_READ_BYTES) -> bytes:
+        """The whole body; UpstreamProtocolError once it grows past ``limit`` bytes."""
+        parts = []
+        size = 0
+        async for chunk in self.chunks():
+            size += len(chunk)
+            if size > limit:
+                raise UpstreamProtocolError(f"upstream answer is larger than {limit} bytes")
+            parts.append(chunk)
         return b"".join(parts)
 
     async def aclose(self) -> None:
@@ -168,7 +226,7 @@ class Upstream:
         return self._client
 
     def _new_client(self) -> aiohttp.ClientSession:
-        connector = aiohttp.TCPConnector(
+        connector = _GuardedConnector(
             limit=self._max_connections,
             limit_per_host=0,
             keepalive_timeout=self._keepalive or None,
