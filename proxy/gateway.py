@@ -18,6 +18,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
 
+import orjson
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -32,13 +33,16 @@ from proxy.auth import BearerAuthMiddleware
 from proxy.chat import Chat
 from proxy.config import Settings
 from proxy.docs import ASSET_PREFIX, PUBLIC_PATHS, Docs
-from proxy.errors import error_body
+from proxy.errors import MethodNotAllowed, NotFound, error_body, send_json
 from proxy.exposure import Exposure
 from proxy.health import Health, Models
 from proxy.inflight import InFlight, InFlightMiddleware
+from proxy.logs import ensure_gateway_logging
 from proxy.passthrough import Passthrough, Relay
 from proxy.retry import RetryPolicy
+from proxy.startup import base_url_warning
 from proxy.upstream import Upstream
+from proxy.version import VERSION
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +67,33 @@ async def _http_error(request: Request, exc: Exception) -> Response:
         405: f"method {request.method} not allowed on {request.url.path}",
     }.get(exc.status_code, str(exc.detail))
     return _json_error(exc.status_code, message, exc.headers)
+
+
+class Index:
+    """``GET /``: what this server is and where to look (no secrets, no upstream address)."""
+
+    def __init__(self, docs: bool) -> None:
+        links = {"health": "/health", "models": "/models", "chat": "/chat", "openai": "/v1"}
+        if docs:
+            links = {"docs": "/docs", "openapi": "/openapi.json", **links}
+        self.body = orjson.dumps({"name": "vllm-wrapper", "version": VERSION, "links": links})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["method"] not in ("GET", "HEAD"):
+            await MethodNotAllowed("use GET /").send(send, [(b"allow", b"GET, HEAD")])
+            return
+        await send_json(send, 200, self.body)
+
+
+class MissingV1:
+    """An OpenAI SDK whose base URL lacks ``/v1`` calls ``/chat/completions`` etc. here."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await NotFound(
+            f"no route for {route_path(scope)}: the OpenAI API is under /v1 — add /v1 to your "
+            "client's base URL (e.g. base_url='http://host:8001/v1'), or use POST /chat for "
+            "the simple API"
+        ).send(send)
 
 
 async def _server_error(request: Request, exc: Exception) -> Response:
@@ -113,6 +144,10 @@ def create_app(settings: Settings | None = None) -> Starlette:
     """Build the gateway from ``settings`` (default: from the environment and ``.env``)."""
     if settings is None:
         settings = Settings.from_env()
+    ensure_gateway_logging(settings.log_level)
+    warning = base_url_warning(settings)
+    if warning:
+        log.warning("%s", warning)
     upstream = Upstream(settings)
     relay = Relay(upstream, RetryPolicy.from_settings(settings), settings)
     exposure = Exposure(
@@ -121,11 +156,14 @@ def create_app(settings: Settings | None = None) -> Starlette:
     passthrough = Passthrough(relay, exposure)
 
     routes = [
+        Route("/", Index(settings.docs)),
         Route("/health", Health(upstream, settings)),
         Route("/models", Models(relay)),
         Route("/chat", Chat(relay, settings)),
         # /v1/... goes through V1Lane below; bare /v1 gets a 404 of ours, not a redirect.
         Route("/v1", passthrough),
+        # The OpenAI API's own paths without the /v1: a client's base URL lacks it.
+        *(Route(p, MissingV1()) for p in ("/chat/completions", "/completions", "/embeddings")),
     ]
     public = ["/health"]
     if settings.docs:

@@ -3,8 +3,9 @@
 ``/health`` always answers HTTP 200 while the gateway itself runs (a liveness
 probe), with ``status: healthy`` only when the upstream answers
 ``GET {VLLM_BASE_URL}/models`` with 200 within ``VLLM_WRAPPER_HEALTH_TIMEOUT``
-seconds. ``/health?strict=1`` answers 503 when unhealthy, for readiness probes
-and load balancers that look only at the status code.
+seconds and lists ``VLLM_MODEL``; when unhealthy, ``reason`` says why in a few
+words (:meth:`Upstream.probe`). ``/health?strict=1`` answers 503 when unhealthy,
+for readiness probes and load balancers that look only at the status code.
 """
 
 from __future__ import annotations
@@ -28,15 +29,16 @@ class Health:
         if scope["method"] not in ("GET", "HEAD"):
             await MethodNotAllowed("use GET /health").send(send, [(b"allow", b"GET, HEAD")])
             return
-        ok, _reason = await self.upstream.probe()
-        body = orjson.dumps(
-            {
-                "status": "healthy" if ok else "unhealthy",
-                "vllm_available": ok,
-                "model": self.model,
-                "base_url": self.base_url,
-            }
-        )
+        ok, reason = await self.upstream.probe(self.model)
+        answer = {
+            "status": "healthy" if ok else "unhealthy",
+            "vllm_available": ok,
+            "model": self.model,
+            "base_url": self.base_url,
+        }
+        if not ok:
+            answer["reason"] = reason
+        body = orjson.dumps(answer)
         strict = b"strict=1" in scope.get("query_string", b"").split(b"&")
         await send_json(
             send, 503 if strict and not ok else 200, body, [(b"cache-control", b"no-store")]

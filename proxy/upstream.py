@@ -18,9 +18,10 @@ from contextlib import contextmanager
 from types import TracebackType
 
 import aiohttp
+import orjson
 from yarl import URL
 
-from proxy.config import Settings
+from proxy.config import Settings, redact_url
 from proxy.errors import (
     PoolExhausted,
     UpstreamConnectTimeout,
@@ -38,20 +39,25 @@ _SKIP_AUTO = frozenset({"Accept", "Accept-Encoding", "User-Agent", "Content-Type
 
 
 @contextmanager
-def mapped_errors(phase: str) -> Iterator[None]:
+def mapped_errors(phase: str, timeout: float) -> Iterator[None]:
     """Translate client exceptions into :class:`UpstreamError` (the only such place)."""
     try:
         yield
     except aiohttp.ConnectionTimeoutError as exc:
-        raise UpstreamConnectTimeout(f"upstream connect timeout during {phase}") from exc
+        raise UpstreamConnectTimeout(
+            f"upstream connect timeout during {phase} (VLLM_TIMEOUT={timeout:g} s)"
+        ) from exc
     except PoolFull as exc:
         raise PoolExhausted(f"no free upstream connection during {phase}") from exc
     except (TimeoutError, aiohttp.ServerTimeoutError) as exc:  # read timeout
         raise UpstreamTimeout(
-            f"upstream read timeout during {phase}: nothing received within VLLM_TIMEOUT"
+            f"upstream read timeout during {phase}: nothing received within "
+            f"VLLM_TIMEOUT={timeout:g} s"
         ) from exc
     except aiohttp.ClientConnectorError as exc:
-        raise UpstreamUnavailable(f"cannot connect to upstream during {phase}: {exc}") from exc
+        raise UpstreamUnavailable(
+            f"cannot connect to upstream {exc.host}:{exc.port} during {phase}: {_os_reason(exc)}"
+        ) from exc
     except aiohttp.ServerDisconnectedError as exc:
         # A peer that closes a pooled connection as we reuse it: safe to retry before any
         # response byte. After the response started this is a cut stream (not retried).
@@ -64,6 +70,13 @@ def mapped_errors(phase: str) -> Iterator[None]:
         raise UpstreamError(f"upstream error during {phase}: {exc}") from exc
 
 
+def _os_reason(exc: aiohttp.ClientConnectorError) -> str:
+    """``connection refused`` rather than aiohttp's text (which names ``ssl:default``...)."""
+    err = exc.os_error
+    text = getattr(err, "strerror", None) or str(err) or type(err).__name__
+    return text[:1].lower() + text[1:]
+
+
 class PoolFull(Exception):
     """No pooled connection came free within the timeout."""
 
@@ -71,17 +84,18 @@ class PoolFull(Exception):
 class UpstreamResponse:
     """A response whose headers have arrived and whose body streams as raw bytes."""
 
-    __slots__ = ("_response", "headers", "status")
+    __slots__ = ("_response", "_timeout", "headers", "status")
 
-    def __init__(self, response: aiohttp.ClientResponse) -> None:
+    def __init__(self, response: aiohttp.ClientResponse, timeout: float) -> None:
         self._response = response
+        self._timeout = timeout
         self.status = response.status
         self.headers: HeaderList = [(k.lower(), v) for k, v in response.raw_headers]
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """Body bytes as received (no decoding, no re-chunking); errors mapped to UpstreamError."""
         content = self._response.content
-        with mapped_errors("response body"):
+        with mapped_errors("response body", self._timeout):
             while True:
                 chunk = await content.readany()
                 if not chunk:
@@ -108,7 +122,7 @@ class Upstream:
     def __init__(self, settings: Settings) -> None:
         self.base_url = settings.base_url.rstrip("/")
         self._api_key = settings.api_key
-        t = settings.timeout
+        t = self.timeout = settings.timeout
         # sock_read is the idle time between two reads (also waiting for the headers),
         # not a cap on a long stream; connect includes waiting for a pooled connection.
         self._timeout = aiohttp.ClientTimeout(total=None, connect=t, sock_connect=t, sock_read=t)
@@ -118,6 +132,7 @@ class Upstream:
         self._keepalive = settings.keepalive_expiry
         self._client: aiohttp.ClientSession | None = None
         self._users = 0
+        self._down: str | None = None  # why the upstream is down; None while it answers
 
     @property
     def is_open(self) -> bool:
@@ -185,7 +200,7 @@ class Upstream:
     ) -> UpstreamResponse:
         """Send one request; return once the response headers are in. Body not yet read."""
         str_headers = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in headers]
-        with mapped_errors("request"):
+        with mapped_errors("request", self.timeout):
             try:
                 response = await self.client.request(
                     method,
@@ -198,11 +213,43 @@ class Upstream:
                 if self._pool_full():
                     raise PoolFull from None
                 raise
-        return UpstreamResponse(response)
+            except aiohttp.ClientConnectorError as exc:
+                self.mark(f"cannot connect to {exc.host}:{exc.port}: {_os_reason(exc)}")
+                raise
+        if self._down is not None:
+            self.mark(None)
+        return UpstreamResponse(response, self.timeout)
 
-    async def probe(self) -> tuple[bool, str]:
-        """Quick availability check: ``GET {base}/models`` with the short health timeout."""
+    def mark(self, down: str | None) -> None:
+        """Record whether the upstream answers; log only the changes (down once, up once)."""
+        if down is not None and self._down is None:
+            log.warning("upstream %s is unavailable: %s", self.public_url, down)
+        elif down is None and self._down is not None:
+            log.info("upstream %s is available again", self.public_url)
+        self._down = down
+
+    @property
+    def public_url(self) -> str:
+        return redact_url(self.base_url)
+
+    async def probe(self, model: str | None = None) -> tuple[bool, str]:
+        """Quick availability check: ``GET {base}/models`` with the short health timeout.
+
+        Returns ``(ok, reason)``: ``reason`` is ``"ok"`` or a short text, safe to show,
+        saying what failed and what to check; with ``model``, it must be in the list.
+        """
+        ok, reason, body = await self._probe(want_body=bool(model))
+        self.mark(None if ok else reason)
+        if ok and model:
+            served = served_models(body)
+            if served is not None and model not in served:
+                shown = ", ".join(served[:10]) + (", ..." if len(served) > 10 else "")
+                return False, f"model {model} is not served (VLLM_MODEL); it serves [{shown}]"
+        return ok, reason
+
+    async def _probe(self, *, want_body: bool) -> tuple[bool, str, bytes]:
         headers = {"authorization": "Bearer " + self._api_key} if self._api_key else {}
+        h = self._probe_timeout.total or 0.0
         try:
             async with self.client.get(
                 URL(self.url("/models"), encoded=True),
@@ -211,8 +258,31 @@ class Upstream:
                 allow_redirects=False,
             ) as response:
                 status = response.status
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            return False, f"{type(exc).__name__}: {exc}".rstrip(": ")
-        if status == 200:
-            return True, "ok"
-        return False, f"upstream answered {status}"
+                body = await response.read() if status == 200 and want_body else b""
+        except aiohttp.ClientConnectorError as exc:
+            return False, f"cannot connect to {exc.host}:{exc.port}: {_os_reason(exc)}", b""
+        except (TimeoutError, aiohttp.ServerTimeoutError):
+            return False, f"no answer within {h:g} s (VLLM_WRAPPER_HEALTH_TIMEOUT)", b""
+        except aiohttp.ClientError as exc:
+            return False, f"upstream connection failed: {type(exc).__name__}", b""
+        if status in (401, 403):
+            reason = (
+                f"upstream answered {status}: it refused the gateway's credentials "
+                "(check VLLM_API_KEY)"
+            )
+        elif status == 404:
+            reason = "upstream answered 404 for /models: does VLLM_BASE_URL end in /v1?"
+        elif status != 200:
+            reason = f"upstream answered {status} for /models"
+        else:
+            return True, "ok", body
+        return False, reason, b""
+
+
+def served_models(body: bytes) -> list[str] | None:
+    """The ids in a ``/models`` list, or None when the body is not one."""
+    try:
+        data = orjson.loads(body)["data"]
+        return [str(m["id"]) for m in data]
+    except (orjson.JSONDecodeError, KeyError, TypeError, IndexError):
+        return None
