@@ -13,6 +13,7 @@ lifespan events to mounted apps). It needs an asyncio event loop.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from types import TracebackType
@@ -73,7 +74,8 @@ def mapped_errors(phase: str, timeout: float) -> Iterator[None]:
 def _os_reason(exc: aiohttp.ClientConnectorError) -> str:
     """``connection refused`` rather than aiohttp's text (which names ``ssl:default``...)."""
     err = exc.os_error
-    text = getattr(err, "strerror", None) or str(err) or type(err).__name__
+    errno = getattr(err, "errno", None)
+    text = os.strerror(errno) if errno else (str(err) or type(err).__name__)
     return text[:1].lower() + text[1:]
 
 
