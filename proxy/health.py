@@ -46,7 +46,8 @@ class Health:
 
 
 class Models:
-    """``GET /models``: the upstream's ``/models`` list, relayed as is."""
+    """``GET /models``: the upstream's ``/models`` list, relayed as is (but an upstream
+    401/403 is a 502 naming the gateway's key, as on ``/chat``)."""
 
     def __init__(self, relay: Relay) -> None:
         self.relay = relay
@@ -55,4 +56,6 @@ class Models:
         if scope["method"] not in ("GET", "HEAD"):
             await MethodNotAllowed("use GET /models").send(send, [(b"allow", b"GET, HEAD")])
             return
-        await self.relay(scope, receive, send, path="/models", query=scope["query_string"])
+        await self.relay(
+            scope, receive, send, path="/models", query=scope["query_string"], own_api=True
+        )

@@ -20,7 +20,7 @@ from proxy.accesslog import RequestInfo, request_info
 from proxy.asgi import Receive, Scope, Send, route_path
 from proxy.body import ClientDisconnected, check_head, read_body, wait_disconnect
 from proxy.config import Settings
-from proxy.errors import ClientError, UpstreamError
+from proxy.errors import ClientError, UpstreamAuthRefused, UpstreamError
 from proxy.exposure import Exposure
 from proxy.headers import (
     HeaderList,
@@ -48,8 +48,17 @@ class Relay:
         self.max_header_bytes = settings.max_header_bytes
 
     async def __call__(
-        self, scope: Scope, receive: Receive, send: Send, *, path: str, query: bytes = b""
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        *,
+        path: str,
+        query: bytes = b"",
+        own_api: bool = False,
     ) -> None:
+        """Relay to ``path``. ``own_api`` (the gateway's ``/models``): an upstream 401/403
+        becomes a 502 saying the gateway's key was refused; ``/v1/*`` relays it as is."""
         info = request_info(scope)
         body = await self.read_request(scope, receive, send, info)
         if body is None:
@@ -64,7 +73,7 @@ class Relay:
             info.attempts += 1
             return await self.upstream.send(method, url, headers, body)
 
-        await self.guard(receive, info, lambda: self._exchange(send, attempt, info))
+        await self.guard(receive, info, lambda: self._exchange(send, attempt, info, own_api))
 
     async def read_request(
         self, scope: Scope, receive: Receive, send: Send, info: RequestInfo
@@ -134,6 +143,7 @@ class Relay:
         send: Send,
         attempt: Callable[[], Awaitable[UpstreamResponse]],
         info: RequestInfo,
+        own_api: bool = False,
     ) -> bool:
         """Returns True when the response was sent completely."""
         try:
@@ -141,6 +151,13 @@ class Relay:
         except UpstreamError as exc:
             await exc.send(send)
             return True
+        if response.status in (401, 403):
+            # Never the client's key (it is not forwarded): say so in the access line.
+            info.note = f"upstream-{response.status}:refused-VLLM_API_KEY"
+            if own_api:
+                await response.aclose()
+                await UpstreamAuthRefused.for_status(response.status).send(send)
+                return True
         headers = client_response_headers(response.headers)
         if not is_event_stream(headers):
             headers.append(server_timing(info, time.perf_counter()))

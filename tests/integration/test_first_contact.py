@@ -225,3 +225,67 @@ def test_index_and_missing_v1_hint(gateway: ServerProcess) -> None:
         error = r.json()["error"]
         assert "add /v1 to your client's base URL" in error["message"]
         assert error["code"] == "not_found"
+
+
+# ---- point 4: errors that used to mislead -----------------------------------------------
+
+HI = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+
+
+def test_upstream_refusing_the_gateways_key() -> None:
+    """/chat and /models: a 502 about the gateway's key; /v1: vLLM's 401 as is, logged."""
+    with (
+        sim_server("--api-key", "upstream-secret") as upstream,
+        gateway_server(upstream.url + "/v1", env=GATEWAY_ENV) as gw,
+    ):
+        for method, path, body in (("POST", "/chat", HI), ("GET", "/models", None)):
+            r = httpx.request(method, gw.url + path, json=body, timeout=15)
+            assert r.status_code == 502, path
+            error = r.json()["error"]
+            assert error["code"] == "upstream_auth_refused"
+            assert (
+                "VLLM_API_KEY" in error["message"] and "not about your API key" in error["message"]
+            )
+        direct = httpx.post(upstream.url + "/v1/chat/completions", json=HI, timeout=15)
+        r = httpx.post(
+            gw.url + "/v1/chat/completions", json=HI, headers={"x-request-id": "k401"}, timeout=15
+        )
+        assert r.status_code == 401 and r.content == direct.content
+        log = _wait_for(gw, "id=k401")
+        line = next(x for x in log.splitlines() if "id=k401" in x)
+        assert "upstream-401:refused-VLLM_API_KEY" in line
+
+
+def test_chat_errors_have_one_shape(sim: Sim) -> None:
+    with gateway_server(sim.base_url, env=GATEWAY_ENV) as gw:
+        r = httpx.post(gw.url + "/chat", json={**HI, "model": "no-such-model"}, timeout=15)
+        assert r.status_code == 404
+        error = r.json()["error"]
+        assert list(error) == ["message", "type", "param", "code"]
+        assert error["message"].startswith("The model `no-such-model` does not exist.")
+        assert (error["type"], error["param"], error["code"]) == (
+            "NotFoundError",
+            "model",
+            "not_found",
+        )
+        r = httpx.post(gw.url + "/chat", json={**HI, "max_tokens": 100000}, timeout=15)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "bad_request"
+    with gateway_server(sim.url, env=GATEWAY_ENV) as no_v1:  # VLLM_BASE_URL without /v1
+        r = httpx.post(no_v1.url + "/chat", json=HI, timeout=15)
+        assert r.status_code == 404
+        message = r.json()["error"]["message"]
+        assert "{" not in message and "does VLLM_BASE_URL end in /v1?" in message
+
+
+def test_upstream_failures_name_the_cause_and_the_numbers(dead_upstream: str) -> None:
+    env = {**GATEWAY_ENV, "VLLM_MAX_RETRIES": "0"}
+    with gateway_server(dead_upstream, env=env) as gw:
+        r = httpx.post(gw.url + "/chat", json=HI, timeout=15)
+        assert r.status_code == 503
+        message = r.json()["error"]["message"]
+        assert "connection refused" in message.lower() and "ssl:" not in message
+    env = {**GATEWAY_ENV, "VLLM_TIMEOUT": "0.5", "VLLM_WRAPPER_HEALTH_TIMEOUT": "0.3"}
+    with RawUpstream("silent") as upstream, gateway_server(upstream.base_url, env=env) as gw:
+        r = httpx.post(gw.url + "/chat", json=HI, timeout=15)
+        assert r.status_code == 504
+        assert "VLLM_TIMEOUT=0.5 s" in r.json()["error"]["message"]
