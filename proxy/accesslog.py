@@ -34,6 +34,11 @@ class RequestInfo:
         self.attempts = 0
         self.note = ""
 
+    @property
+    def id_text(self) -> str:
+        """The request id as text, for log lines (``id=abc``, never ``id=b'abc'``)."""
+        return self.request_id.decode("latin-1")
+
 
 def request_info(scope: Scope) -> RequestInfo:
     """The request's :class:`RequestInfo`, created on first use (e.g. when mounted bare)."""
@@ -86,6 +91,6 @@ class AccessLogMiddleware:
                     sent,
                     dur,
                     info.attempts,
-                    rid.decode("latin-1"),
+                    info.id_text,
                     f" {info.note}" if info.note else "",
                 )

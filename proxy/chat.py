@@ -229,7 +229,7 @@ class Chat:
         try:
             answer = translate_completion(await response.read(), model)
         except UpstreamError as exc:
-            log.warning("upstream failed: %s (id=%s)", exc.message, info.request_id)
+            log.warning("upstream failed: %s (id=%s)", exc.message, info.id_text)
             info.note = exc.code or ""
             await exc.send(send)
             return
@@ -267,7 +267,7 @@ class Chat:
         except UpstreamError as exc:
             # The status is out: say what happened in-band, then end the stream cleanly.
             info.note = f"stream-error:{exc.code}"
-            log.warning("upstream failed mid-stream: %s (id=%s)", exc.message, info.request_id)
+            log.warning("upstream failed mid-stream: %s (id=%s)", exc.message, info.id_text)
             tail = error_event(exc)
         finally:
             await response.aclose()

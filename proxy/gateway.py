@@ -143,6 +143,7 @@ def lifespan(gateway: Starlette) -> AbstractAsyncContextManager[None]:
 def create_app(settings: Settings | None = None) -> Starlette:
     """Build the gateway from ``settings`` (default: from the environment and ``.env``)."""
     if settings is None:
+        ensure_gateway_logging()  # before reading the environment, which may warn
         settings = Settings.from_env()
     ensure_gateway_logging(settings.log_level)
     warning = base_url_warning(settings)

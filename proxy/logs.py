@@ -26,18 +26,22 @@ def _level(level: str) -> int:
     return logging.DEBUG if level == "trace" else getattr(logging, level.upper(), logging.INFO)
 
 
-def ensure_gateway_logging(level: str) -> None:
-    """Give the ``proxy`` logger a stdout handler in our format, if nothing logs it yet."""
+def ensure_gateway_logging(level: str | None = None) -> None:
+    """Give the ``proxy`` logger a stdout handler in our format, if nothing logs it yet
+    (then, or when it is ours already, ``level`` sets its level)."""
     logger = logging.getLogger("proxy")
-    if logger.handlers or logging.getLogger().handlers:
-        return
-    handler = logging.StreamHandler(sys.stdout)
-    handler.set_name(_HANDLER_NAME)
-    handler.setFormatter(logging.Formatter(FORMAT))
-    logger.addHandler(handler)
-    logger.setLevel(_level(level))
-    logger.propagate = False
-    quiet_server_noise()
+    if not any(h.get_name() == _HANDLER_NAME for h in logger.handlers):
+        if logger.handlers or logging.getLogger().handlers:
+            return
+        handler = logging.StreamHandler(sys.stdout)
+        handler.set_name(_HANDLER_NAME)
+        handler.setFormatter(logging.Formatter(FORMAT))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+        quiet_server_noise()
+    if level is not None:
+        logger.setLevel(_level(level))
 
 
 class ServerNoiseFilter(logging.Filter):

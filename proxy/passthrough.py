@@ -122,7 +122,7 @@ class Relay:
             watcher.cancel()
         if disconnected and not completed:
             info.note = "client-disconnected"
-            log.debug("client disconnected; upstream closed (id=%s)", info.request_id)
+            log.debug("client disconnected; upstream closed (id=%s)", info.id_text)
 
     async def open(
         self, attempt: Callable[[], Awaitable[UpstreamResponse]], info: RequestInfo
@@ -133,7 +133,7 @@ class Relay:
             return await send_with_retry(attempt, self.policy)
         except UpstreamError as exc:
             info.note = exc.code or ""
-            log.warning("upstream failed: %s (id=%s)", exc.message, info.request_id)
+            log.warning("upstream failed: %s (id=%s)", exc.message, info.id_text)
             raise
         finally:
             info.upstream_ms = (time.perf_counter() - start) * 1000
@@ -173,7 +173,7 @@ class Relay:
             # The status is already sent: end without completing the body so the server
             # closes the connection and the client sees a cut, not a clean (short) answer.
             info.note = f"cut:{exc.code}"
-            log.warning("upstream failed mid-response: %s (id=%s)", exc.message, info.request_id)
+            log.warning("upstream failed mid-response: %s (id=%s)", exc.message, info.id_text)
             return False
         finally:
             await response.aclose()
