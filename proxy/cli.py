@@ -173,6 +173,14 @@ class GatewayServer(uvicorn.Server):
                 pass
         super().handle_exit(sig, frame)
 
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().shutdown(sockets=sockets)
+        if self.force_exit:
+            # uvicorn skips the lifespan shutdown on a forced exit, and the lifespan task,
+            # cancelled when the loop closes, logs a traceback. The requests are cut
+            # already, so the app's own shutdown (closing the upstream pool) is quick.
+            await self.lifespan.shutdown()
+
     def _cut_everything(self) -> None:
         for connection in list(self.server_state.connections):
             transport = getattr(connection, "transport", None)
