@@ -38,7 +38,7 @@ from proxy.exposure import Exposure
 from proxy.health import Health, Models
 from proxy.inflight import InFlight, InFlightMiddleware
 from proxy.logs import ensure_gateway_logging
-from proxy.passthrough import Passthrough, Relay
+from proxy.passthrough import Passthrough, Relay, RootRoute
 from proxy.retry import RetryPolicy
 from proxy.startup import base_url_warning
 from proxy.upstream import Upstream
@@ -161,6 +161,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/health", Health(upstream, settings)),
         Route("/models", Models(relay)),
         Route("/chat", Chat(relay, settings)),
+        Route("/tokenize", RootRoute(relay, "/tokenize")),
+        Route("/detokenize", RootRoute(relay, "/detokenize")),
         # /v1/... goes through V1Lane below; bare /v1 gets a 404 of ours, not a redirect.
         Route("/v1", passthrough),
         # The OpenAI API's own paths without the /v1: a client's base URL lacks it.

@@ -226,15 +226,32 @@ def build_openapi(settings: Settings, root_path: str = "") -> dict[str, Any]:
                 )
             },
             "/v1/models": {"get": _passthrough("OpenAI model list", "get")},
+            "/tokenize": {
+                "post": _passthrough(
+                    "vLLM's tokenizer (relayed to vLLM's root /tokenize)",
+                    "post",
+                    {"model": model, "prompt": "Hello world"},
+                )
+            },
+            "/detokenize": {
+                "post": _passthrough(
+                    "vLLM's detokenizer (relayed to vLLM's root /detokenize)",
+                    "post",
+                    {"model": model, "tokens": [9906, 1917]},
+                )
+            },
             "/v1/{path}": {
                 "parameters": [
                     {
                         "name": "path",
                         "in": "path",
                         "required": True,
-                        "description": "Any other path vLLM serves under /v1 "
-                        "(e.g. `tokenize`); LoRA admin paths are refused unless "
-                        "`VLLM_WRAPPER_ALLOW_ADMIN=true`.",
+                        "description": "Another path of the allow-list (README, "
+                        "Exposure): `responses`, `score`, `rerank`, `audio/transcriptions`..."
+                        " Others get 404 unless `VLLM_WRAPPER_EXTRA_PATHS` or "
+                        "`VLLM_WRAPPER_PROXY_ALL` widen it; LoRA admin paths are refused "
+                        "unless `VLLM_WRAPPER_ALLOW_ADMIN=true`. `tokenize` and `detokenize` "
+                        "reach vLLM's root, where it serves them.",
                         "schema": {"type": "string"},
                     }
                 ],

@@ -20,8 +20,8 @@ from proxy.accesslog import RequestInfo, request_info
 from proxy.asgi import Receive, Scope, Send, route_path
 from proxy.body import ClientDisconnected, check_head, read_body, wait_disconnect
 from proxy.config import Settings
-from proxy.errors import ClientError, UpstreamAuthRefused, UpstreamError
-from proxy.exposure import Exposure
+from proxy.errors import ClientError, MethodNotAllowed, UpstreamAuthRefused, UpstreamError
+from proxy.exposure import ROOT_PATHS, Exposure
 from proxy.headers import (
     HeaderList,
     client_response_headers,
@@ -56,6 +56,7 @@ class Relay:
         path: str,
         query: bytes = b"",
         own_api: bool = False,
+        root: bool = False,
     ) -> None:
         """Relay to ``path``. ``own_api`` (the gateway's ``/models``): an upstream 401/403
         becomes a 502 saying the gateway's key was refused; ``/v1/*`` relays it as is."""
@@ -66,7 +67,7 @@ class Relay:
         headers = upstream_request_headers(
             scope["headers"], api_key=self.api_key, request_id=info.request_id
         )
-        url = self.upstream.url(path, query)
+        url = self.upstream.url(path, query, root=root)
         method = scope["method"]
 
         async def attempt() -> UpstreamResponse:
@@ -206,4 +207,20 @@ class Passthrough:
             await problem.send(send)
             return
         path = quote(sub, safe=_PATH_SAFE)
-        await self.relay(scope, receive, send, path=path, query=scope["query_string"])
+        root = sub.rstrip("/") in ROOT_PATHS  # vLLM serves these beside /v1, not under it
+        await self.relay(scope, receive, send, path=path, query=scope["query_string"], root=root)
+
+
+class RootRoute:
+    """The gateway's own ``/tokenize`` and ``/detokenize``: relayed to the upstream's root,
+    where vLLM serves them (``{VLLM_BASE_URL}`` without its ``/v1``)."""
+
+    def __init__(self, relay: Relay, path: str) -> None:
+        self.relay = relay
+        self.path = path
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["method"] != "POST":
+            await MethodNotAllowed(f"use POST {self.path}").send(send, [(b"allow", b"POST")])
+            return
+        await self.relay(scope, receive, send, path=self.path, root=True)

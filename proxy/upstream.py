@@ -123,6 +123,8 @@ class Upstream:
 
     def __init__(self, settings: Settings) -> None:
         self.base_url = settings.base_url.rstrip("/")
+        # vLLM serves a few routes (/tokenize, /detokenize) at its root, beside /v1.
+        self.root_url = self.base_url.removesuffix("/v1")
         self._api_key = settings.api_key
         t = self.timeout = settings.timeout
         # sock_read is the idle time between two reads (also waiting for the headers),
@@ -185,9 +187,10 @@ class Upstream:
             self._users = 0
             await client.close()
 
-    def url(self, path: str, query: bytes = b"") -> str:
-        """``path`` is relative to the base URL (``/chat/completions``), already %-quoted."""
-        url = self.base_url + path
+    def url(self, path: str, query: bytes = b"", *, root: bool = False) -> str:
+        """``path`` is relative to the base URL (``/chat/completions``), already %-quoted;
+        with ``root``, relative to the server's root (the base URL without ``/v1``)."""
+        url = (self.root_url if root else self.base_url) + path
         if query:
             url += "?" + query.decode("latin-1")
         return url
