@@ -254,29 +254,39 @@ async def serve_demo(settings: Settings, options: dict) -> None:
     models = (settings.model,) if settings.model == "tiny-llama" else (settings.model, "tiny-llama")
     # A short pause between tokens makes streaming visible to a person watching.
     sim_options = SimOptions(models=models, port=sim_port, token_delay=0.02)
-    sim = uvicorn.Server(
-        uvicorn.Config(
-            create_sim_app(sim_options),
-            host="127.0.0.1",
-            port=sim_port,
-            log_level="warning",
-            access_log=False,
-        )
+    # log_config/log_level None: leave the process's logging to the gateway's config.
+    sim_config = uvicorn.Config(
+        create_sim_app(sim_options),
+        host="127.0.0.1",
+        port=sim_port,
+        log_config=None,
+        log_level=None,
+        access_log=False,
+        lifespan="off",
     )
+    sim_config.load()
+    sim = QuietServer(sim_config)
     settings = settings.replace(base_url=f"http://127.0.0.1:{sim_port}/v1")
     upstream = f"simulated vLLM (demo) at {settings.base_url} serving {', '.join(models)}"
     gateway = GatewayServer(
         uvicorn.Config(create_app(settings), **options),
         lambda port: startup_line(settings, listen_url(settings.host, port), upstream=upstream),
     )
-    sim_task = asyncio.create_task(sim.serve())
-    while not sim.started:
-        if sim_task.done():
-            await sim_task  # surfaces why it could not start
-            return
-        await asyncio.sleep(0.01)
+    # Only the socket and the lifespan-less app: no main loop, signals or lines of its own;
+    # the gateway's server owns the process, its signals and its one start-up line.
+    sim.lifespan = sim_config.lifespan_class(sim_config)
+    await sim.startup()
     try:
         await gateway.serve()
     finally:
-        sim.should_exit = True
-        await sim_task
+        for server in sim.servers:
+            server.close()
+        for connection in list(sim.server_state.connections):
+            connection.shutdown()
+
+
+class QuietServer(uvicorn.Server):
+    """The demo's simulated vLLM: a uvicorn server that does not announce itself."""
+
+    def _log_started_message(self, listeners: Sequence[socket.SocketType]) -> None:
+        pass
