@@ -151,6 +151,22 @@ def build_openapi(settings: Settings, root_path: str = "") -> dict[str, Any]:
                     },
                 }
             },
+            "/": {
+                "get": {
+                    "tags": ["Operations"],
+                    "summary": "What this server is: name, version and links",
+                    "responses": {
+                        "200": {
+                            "description": "Index",
+                            "content": _json(
+                                {"type": "object"},
+                                {"name": "vllm-wrapper", "links": {"docs": "/docs"}},
+                            ),
+                        },
+                        **_ERRORS,
+                    },
+                }
+            },
             "/health": {
                 "get": {
                     "tags": ["Operations"],
@@ -342,6 +358,11 @@ _SCHEMAS: dict[str, Any] = {
             "vllm_available": {"type": "boolean"},
             "model": {"type": "string"},
             "base_url": {"type": "string"},
+            "reason": {
+                "type": "string",
+                "description": "Only when unhealthy: why, in a few words (e.g. `upstream "
+                "answered 401: it refused the gateway's credentials (check VLLM_API_KEY)`).",
+            },
         },
     },
     "ModelList": {
