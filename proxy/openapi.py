@@ -267,7 +267,9 @@ def build_openapi(settings: Settings, root_path: str = "") -> dict[str, Any]:
                         " Others get 404 unless `VLLM_WRAPPER_EXTRA_PATHS` or "
                         "`VLLM_WRAPPER_PROXY_ALL` widen it; LoRA admin paths are refused "
                         "unless `VLLM_WRAPPER_ALLOW_ADMIN=true`. `tokenize` and `detokenize` "
-                        "reach vLLM's root, where it serves them.",
+                        "reach vLLM's root, where it serves them. What vLLM answers depends "
+                        "on its model: `embeddings`, `score` and `rerank` need a pooling "
+                        "model, `audio/*` a speech model; vLLM 0.32 has no `models/{id}`.",
                         "schema": {"type": "string"},
                     }
                 ],
