@@ -70,19 +70,26 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 class Index:
-    """``GET /``: what this server is and where to look (no secrets, no upstream address)."""
+    """``GET /``: what this server is and where to look (no secrets, no upstream address).
+    Links follow a mount prefix (``root_path``)."""
 
     def __init__(self, docs: bool) -> None:
         links = {"health": "/health", "models": "/models", "chat": "/chat", "openai": "/v1"}
         if docs:
             links = {"docs": "/docs", "openapi": "/openapi.json", **links}
-        self.body = orjson.dumps({"name": "vllm-wrapper", "version": VERSION, "links": links})
+        self.links = links
+        self.body = self._body("")
+
+    def _body(self, prefix: str) -> bytes:
+        links = {name: prefix + path for name, path in self.links.items()}
+        return orjson.dumps({"name": "vllm-wrapper", "version": VERSION, "links": links})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["method"] not in ("GET", "HEAD"):
             await MethodNotAllowed("use GET /").send(send, [(b"allow", b"GET, HEAD")])
             return
-        await send_json(send, 200, self.body)
+        prefix = scope.get("root_path", "").rstrip("/")
+        await send_json(send, 200, self._body(prefix) if prefix else self.body)
 
 
 class MissingV1:
@@ -168,7 +175,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         # The OpenAI API's own paths without the /v1: a client's base URL lacks it.
         *(Route(p, MissingV1()) for p in ("/chat/completions", "/completions", "/embeddings")),
     ]
-    public = ["/health"]
+    public = ["/", "/health"]  # the index names no secret, like /health
     if settings.docs:
         docs = Docs(settings)
         routes += [

@@ -289,3 +289,9 @@ def test_upstream_failures_name_the_cause_and_the_numbers(dead_upstream: str) ->
         r = httpx.post(gw.url + "/chat", json=HI, timeout=15)
         assert r.status_code == 504
         assert "VLLM_TIMEOUT=0.5 s" in r.json()["error"]["message"]
+
+
+def test_index_needs_no_key(auth_gateway: ServerProcess) -> None:
+    r = httpx.get(auth_gateway.url + "/", timeout=10)
+    assert r.status_code == 200 and r.json()["name"] == "vllm-wrapper"
+    assert httpx.post(auth_gateway.url + "/chat", json={}, timeout=10).status_code == 401
