@@ -86,12 +86,10 @@ class Settings:
                 try:
                     values.update(parse_env_file(path.read_text(encoding="utf-8")))
                 except (OSError, UnicodeDecodeError) as exc:
-                    raise ConfigError(f"env file {str(path)!r} cannot be read: {exc}") from None
+                    raise ConfigError(f"env file {str(path)!r}: cannot be read: {exc}") from None
                 read = str(path)
             elif named:
-                raise ConfigError(
-                    f"env file {named!r} not found (--env-file/VLLM_WRAPPER_ENV_FILE)"
-                )
+                raise ConfigError(f"--env-file/VLLM_WRAPPER_ENV_FILE={named!r}: file not found")
         values.update(environ)
         for warning in unknown_variables(values):
             log.warning("%s", warning)
