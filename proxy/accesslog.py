@@ -91,6 +91,11 @@ class RequestInfo:
             self._json = parsed if isinstance(parsed, dict) else None
         return self._json
 
+    @property
+    def id_text(self) -> str:
+        """The request id as text, for log lines (``id=abc``, never ``id=b'abc'``)."""
+        return self.request_id.decode("latin-1")
+
 
 def request_info(scope: Scope) -> RequestInfo:
     """The request's :class:`RequestInfo`, created on first use (e.g. when mounted bare)."""
@@ -148,7 +153,7 @@ class AccessLogMiddleware:
                     sent,
                     dur,
                     info.attempts,
-                    rid.decode("latin-1"),
+                    info.id_text,
                     f" key={info.key.name}" if info.key is not None else "",
                     f" via={info.upstream}" if info.upstream else "",
                     f" {info.note}" if info.note else "",

@@ -40,9 +40,12 @@ from proxy.errors import (
     ClientError,
     GatewayError,
     MethodNotAllowed,
+    UpstreamAuthRefused,
     UpstreamError,
     UpstreamProtocolError,
+    error_body,
     send_json,
+    upstream_error,
 )
 from proxy.headers import upstream_request_headers
 from proxy.passthrough import Relay
@@ -113,21 +116,19 @@ def translate_completion(body: bytes, fallback_model: str) -> dict[str, Any]:
 
 
 async def relay_error(send: Send, response: UpstreamResponse) -> None:
-    """An upstream error answer (4xx/5xx) with its status; its body if JSON, else wrapped."""
+    """An upstream error answer (4xx/5xx) with its status, in the gateway's error shape
+    (vLLM's message kept, a string ``code``). A 401/403 raises UpstreamAuthRefused."""
     body = await response.read(limit=ERROR_BODY_BYTES)
-    try:
-        parsed = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        parsed = None
-    if not (isinstance(parsed, dict) and "error" in parsed):
-        text = (
-            body.decode("utf-8", "replace").strip()[:1000] or f"upstream answered {response.status}"
+    status = response.status
+    if status in (401, 403):
+        raise UpstreamAuthRefused.for_status(status)
+    message, kind, param, code = upstream_error(status, body)
+    if status == 404 and message == "Not Found":
+        message = (
+            "the upstream has no /chat/completions (it answered 404 Not Found): does "
+            "VLLM_BASE_URL end in /v1?"
         )
-        kind = "invalid_request_error" if response.status < 500 else "upstream_error"
-        body = orjson.dumps(
-            {"error": {"message": text, "type": kind, "param": None, "code": response.status}}
-        )
-    await send_json(send, response.status, body)
+    await send_json(send, status, error_body(message, kind, code, param))
 
 
 class _StreamState:
@@ -284,7 +285,7 @@ class Chat:
             answer = translate_completion(await response.read(), model)
             info.usage = (answer["usage"]["prompt_tokens"], answer["usage"]["completion_tokens"])
         except UpstreamError as exc:
-            log.warning("upstream failed: %s (id=%s)", exc.message, info.request_id)
+            log.warning("upstream failed: %s (id=%s)", exc.message, info.id_text)
             info.note = exc.code or ""
             await exc.send(send)
             return
@@ -323,7 +324,7 @@ class Chat:
         except UpstreamError as exc:
             # The status is out: say what happened in-band, then end the stream cleanly.
             info.note = f"stream-error:{exc.code}"
-            log.warning("upstream failed mid-stream: %s (id=%s)", exc.message, info.request_id)
+            log.warning("upstream failed mid-stream: %s (id=%s)", exc.message, info.id_text)
             tail = error_event(exc)
         finally:
             await response.aclose()

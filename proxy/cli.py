@@ -4,19 +4,39 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
+import logging
+import logging.config
 import os
+import signal
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from types import FrameType
 from typing import TYPE_CHECKING
 
+import uvicorn
+
 from proxy.config import ENV_VARS, ConfigError, Settings
+from proxy.logs import uvicorn_log_config
+from proxy.startup import listen_url, startup_line, startup_warnings
+from proxy.version import VERSION
 
 if TYPE_CHECKING:
     from starlette.applications import Starlette
 
-_SETTINGS_HELP = "\n".join(f"  {var}" for var in ENV_VARS)
+log = logging.getLogger("proxy.startup")
+
+
+def settings_help() -> str:
+    """Every variable with its meaning and default, from the table settings are parsed from."""
+    width = max(map(len, ENV_VARS)) + 2
+    lines = [
+        f"  {var:<{width}}{spec.meaning} (default: {spec.default_text()})"
+        for var, spec in ENV_VARS.items()
+    ]
+    return "\n".join(lines)
 
 
 # Young-generation threshold of the cyclic GC in a server process (Python's default is 700).
@@ -87,10 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=(
             "Settings come from the environment and a .env file (the environment wins);\n"
-            "command-line options win over both. Variables (see README for meanings):\n"
-            + _SETTINGS_HELP
+            "command-line options win over both. Variables:\n\n" + settings_help()
         ),
     )
+    parser.add_argument("--version", action="version", version=f"vllm-wrapper {VERSION}")
     parser.add_argument("--host", help="listen address (VLLM_WRAPPER_HOST, default 0.0.0.0)")
     parser.add_argument("--port", help="listen port (VLLM_WRAPPER_PORT, default 8001)")
     parser.add_argument(
@@ -128,6 +148,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-level",
         help="critical, error, warning, info, debug (VLLM_WRAPPER_LOG_LEVEL, default info)",
     )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+    check = commands.add_parser(
+        "check",
+        help="probe a running gateway as a client would and print a verdict",
+        description="Probe a running gateway as a client would: /health, /models, a short "
+        "/chat, a short stream with its time to first token, and the answer without a key. "
+        "Exit status 0 when every check passed, 1 otherwise.",
+    )
+    check.add_argument("url", help="the gateway's URL, e.g. https://you--vllm-wrapper.modal.run")
+    check.add_argument("--key", default="", help="the gateway's API key (VLLM_WRAPPER_API_KEY)")
+    check.add_argument(
+        "--model", default=None, help="model for the chat checks (default: the gateway's)"
+    )
+    check.add_argument(
+        "--timeout", type=float, default=60.0, help="seconds per request (default: 60)"
+    )
     return parser
 
 
@@ -145,42 +181,74 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
         os.environ["VLLM_WRAPPER_DEMO"] = "true"
     if args.config is not None:
         os.environ["VLLM_WRAPPER_CONFIG"] = args.config
-    return Settings.from_env()
+    settings = Settings.from_env()
+    if settings.demo and args.host is None and not os.environ.get("VLLM_WRAPPER_HOST"):
+        # The demo has no key: keep it on this machine unless a host is asked for.
+        os.environ["VLLM_WRAPPER_HOST"] = "127.0.0.1"
+        settings = settings.replace(host="127.0.0.1")
+    return settings
 
 
-def log_config(level: str) -> dict[str, object]:
-    """uvicorn's logging, plus our own loggers on stdout."""
-    from uvicorn.config import LOGGING_CONFIG
+# Kept under its old name for callers of proxy.cli.log_config.
+log_config = uvicorn_log_config
 
-    config: dict = {**LOGGING_CONFIG}
-    config["formatters"] = {
-        **LOGGING_CONFIG["formatters"],
-        "gateway": {
-            "()": "logging.Formatter",
-            "fmt": "%(asctime)s %(levelname)s %(name)s: %(message)s",
-        },
-    }
-    config["handlers"] = {
-        **LOGGING_CONFIG["handlers"],
-        "gateway": {
-            "formatter": "gateway",
-            "class": "logging.StreamHandler",
-            "stream": "ext://sys.stdout",
-        },
-    }
-    upper = "DEBUG" if level == "trace" else level.upper()
-    config["loggers"] = {
-        **LOGGING_CONFIG["loggers"],
-        "proxy": {"handlers": ["gateway"], "level": upper, "propagate": False},
-    }
-    return config
+
+class GatewayServer(uvicorn.Server):
+    """uvicorn's server, which says what runs once its socket is bound, and stops at once
+    on a second Ctrl-C (or SIGTERM) instead of waiting out the grace period."""
+
+    def __init__(self, config: uvicorn.Config, banner: Callable[[int], str]) -> None:
+        super().__init__(config)
+        self.banner = banner
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        if not self.started or self.should_exit:
+            return
+        port = self.config.port
+        for server in self.servers:
+            for sock in server.sockets:
+                port = sock.getsockname()[1]
+        log.info("%s", self.banner(port))
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.should_exit and sig in (signal.SIGINT, signal.SIGTERM) and not self.force_exit:
+            log.warning("second stop signal: stopping now, cutting requests still in flight")
+            self.force_exit = True
+            try:
+                asyncio.get_running_loop().call_soon_threadsafe(self._cut_everything)
+            except RuntimeError:
+                pass
+        super().handle_exit(sig, frame)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().shutdown(sockets=sockets)
+        if self.force_exit:
+            # uvicorn skips the lifespan shutdown on a forced exit, and the lifespan task,
+            # cancelled when the loop closes, logs a traceback. The requests are cut
+            # already, so the app's own shutdown (closing the upstream pool) is quick.
+            await self.lifespan.shutdown()
+
+    def _cut_everything(self) -> None:
+        for connection in list(self.server_state.connections):
+            transport = getattr(connection, "transport", None)
+            if transport is not None:
+                transport.abort()
+        for task in list(self.server_state.tasks):
+            task.cancel()
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    if args.command == "check":
+        from proxy.check import run_check
+
+        sys.exit(run_check(args.url, key=args.key, model=args.model, timeout=args.timeout))
     if args.workers < 1:
         print("error: --workers must be at least 1", file=sys.stderr)
         sys.exit(2)
+    # Formatted like the server's own lines from the first warning (unknown variables...).
+    logging.config.dictConfig(uvicorn_log_config(args.log_level or "info"))
     try:
         settings = resolve_settings(args)
     except ConfigError as exc:
@@ -200,8 +268,6 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(f"error: invalid configuration file: {exc}", file=sys.stderr)
             sys.exit(2)
 
-    import uvicorn
-
     from proxy.gateway import create_app
     from proxy.server import HttpLimits
 
@@ -209,7 +275,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "host": settings.host,
         "port": settings.port,
         "log_level": settings.log_level,
-        "log_config": log_config(settings.log_level),
+        "log_config": uvicorn_log_config(settings.log_level),
         "access_log": False,  # the gateway logs one line per request itself
         "timeout_graceful_shutdown": settings.graceful_timeout,
         # httptools with the request head bounded in size and time (proxy/server.py)
@@ -217,12 +283,17 @@ def main(argv: Sequence[str] | None = None) -> None:
             settings.max_header_bytes, settings.header_timeout, settings.send_timeout
         ),
     }
+    for warning in startup_warnings(settings, settings.host):
+        log.warning("%s", warning)
     if settings.demo:
         if args.workers > 1:
             print("error: --demo runs a single worker", file=sys.stderr)
             sys.exit(2)
-        asyncio.run(serve_demo(settings, options))
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(serve_demo(settings, options))
     elif args.workers > 1:
+        url = listen_url(settings.host, settings.port)
+        log.info("%s; workers %d", startup_line(settings, url), args.workers)
         run_workers(options, args.workers)
     else:
         try:
@@ -231,13 +302,18 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(f"error: invalid configuration file: {exc}", file=sys.stderr)
             sys.exit(2)
         tune_gc()
-        uvicorn.run(app, **options)
+        config = uvicorn.Config(app, **options)
+        server = GatewayServer(
+            config, lambda port: startup_line(settings, listen_url(settings.host, port))
+        )
+        with contextlib.suppress(KeyboardInterrupt):  # the re-raised SIGINT, as uvicorn.run
+            server.run()
+        if not server.started:
+            sys.exit(3)  # uvicorn's STARTUP_FAILURE; it logged why
 
 
 async def serve_demo(settings: Settings, options: dict) -> None:
     """The gateway and the simulated vLLM in one process and one event loop."""
-    import uvicorn
-
     from proxy.gateway import create_app
     from proxy.sim.app import create_sim_app
     from proxy.sim.options import SimOptions
@@ -248,30 +324,39 @@ async def serve_demo(settings: Settings, options: dict) -> None:
     models = (settings.model,) if settings.model == "tiny-llama" else (settings.model, "tiny-llama")
     # A short pause between tokens makes streaming visible to a person watching.
     sim_options = SimOptions(models=models, port=sim_port, token_delay=0.02)
-    sim = uvicorn.Server(
-        uvicorn.Config(
-            create_sim_app(sim_options),
-            host="127.0.0.1",
-            port=sim_port,
-            log_level="warning",
-            access_log=False,
-        )
+    # log_config/log_level None: leave the process's logging to the gateway's config.
+    sim_config = uvicorn.Config(
+        create_sim_app(sim_options),
+        host="127.0.0.1",
+        port=sim_port,
+        log_config=None,
+        log_level=None,
+        access_log=False,
+        lifespan="off",
     )
+    sim_config.load()
+    sim = QuietServer(sim_config)
     settings = settings.replace(base_url=f"http://127.0.0.1:{sim_port}/v1")
-    gateway = uvicorn.Server(uvicorn.Config(create_app(settings), **options))
-    sim_task = asyncio.create_task(sim.serve())
-    while not sim.started:
-        if sim_task.done():
-            await sim_task  # surfaces why it could not start
-            return
-        await asyncio.sleep(0.01)
-    print(
-        f"demo: simulated vLLM serving {', '.join(models)} on {settings.base_url}; "
-        f"gateway on http://{settings.host}:{settings.port}",
-        flush=True,
+    upstream = f"simulated vLLM (demo) at {settings.base_url} serving {', '.join(models)}"
+    gateway = GatewayServer(
+        uvicorn.Config(create_app(settings), **options),
+        lambda port: startup_line(settings, listen_url(settings.host, port), upstream=upstream),
     )
+    # Only the socket and the lifespan-less app: no main loop, signals or lines of its own;
+    # the gateway's server owns the process, its signals and its one start-up line.
+    sim.lifespan = sim_config.lifespan_class(sim_config)
+    await sim.startup()
     try:
         await gateway.serve()
     finally:
-        sim.should_exit = True
-        await sim_task
+        for server in sim.servers:
+            server.close()
+        for connection in list(sim.server_state.connections):
+            connection.shutdown()
+
+
+class QuietServer(uvicorn.Server):
+    """The demo's simulated vLLM: a uvicorn server that does not announce itself."""
+
+    def _log_started_message(self, listeners: Sequence[socket.SocketType]) -> None:
+        pass

@@ -21,7 +21,9 @@
         ├── UpstreamUnavailable     503   connection refused/reset, or 502/503/429 after retries
         │   └── PoolExhausted       503   no free upstream connection in time
         ├── UpstreamTimeout         504   connect or read timeout
-        └── UpstreamProtocolError   502   the upstream sent something that is not HTTP
+        ├── UpstreamProtocolError   502   the upstream sent something that is not HTTP
+        └── UpstreamAuthRefused     502   the upstream refused the gateway's VLLM_API_KEY
+                                          (on the gateway's own /chat and /models)
 
 Low-level ``httpx`` exceptions are translated into ``UpstreamError`` in one
 place, :mod:`proxy.upstream`. Everything is rendered by :func:`error_body`.
@@ -183,6 +185,64 @@ class UpstreamConnectTimeout(UpstreamTimeout):
 class UpstreamProtocolError(UpstreamError):
     status = 502
     code = "upstream_protocol_error"
+
+
+class UpstreamAuthRefused(UpstreamError):
+    """A 401/403 from the upstream: about the gateway's key, never the client's (which is
+    not forwarded), so the client must not read it as its own key being wrong."""
+
+    status = 502
+    code = "upstream_auth_refused"
+
+    @classmethod
+    def for_status(cls, status: int) -> UpstreamAuthRefused:
+        return cls(
+            f"the upstream refused the gateway's credentials (it answered {status}): the "
+            "gateway's VLLM_API_KEY is missing or wrong. This is not about your API key."
+        )
+
+
+def _status_codes() -> dict[int, str]:
+    codes = {cls.status: cls.code for cls in ClientError.__subclasses__() if cls.code}
+    codes[422] = "invalid_request"
+    codes[429] = "rate_limit_exceeded"
+    return codes
+
+
+_STATUS_CODES = _status_codes()
+
+
+def upstream_error(status: int, body: bytes) -> tuple[str, str, str | None, str]:
+    """An upstream's error answer as ``(message, type, param, code)``, ``code`` a string.
+
+    vLLM's own ``{"error": {"message", "type", "param", "code"}}`` keeps its message, type
+    and param; FastAPI's ``{"detail": ...}`` and vLLM's auth ``{"error": "..."}`` give their
+    text (not JSON inside a string); anything else its first 1000 characters.
+    """
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        parsed = None
+    kind = "invalid_request_error" if status < 500 else "upstream_error"
+    param = None
+    message = None
+    if isinstance(parsed, dict):
+        error = parsed.get("error")
+        if isinstance(error, dict):
+            message = error.get("message")
+            kind = str(error.get("type") or kind)
+            param = error.get("param") if isinstance(error.get("param"), str) else None
+        elif isinstance(error, str):
+            message = error
+        elif isinstance(parsed.get("detail"), str):
+            message = parsed["detail"]
+    if not isinstance(message, str) or not message:
+        text = body.decode("utf-8", "replace").strip()[:1000]
+        message = text or f"upstream answered {status}"
+    code = _STATUS_CODES.get(status) or (
+        "upstream_error" if status >= 500 else "upstream_client_error"
+    )
+    return message, kind, param, code
 
 
 def error_body(

@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
+import orjson
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -35,17 +36,20 @@ from proxy.chat import Chat
 from proxy.config import Settings
 from proxy.configfile import FileConfig, load
 from proxy.docs import ASSET_PREFIX, PUBLIC_PATHS, Docs
-from proxy.errors import error_body
+from proxy.errors import MethodNotAllowed, NotFound, error_body, send_json
 from proxy.exposure import Exposure
 from proxy.health import Health, Models
 from proxy.inflight import InFlight, InFlightMiddleware
 from proxy.keys import Keys
 from proxy.limits import Limiter, UsageEndpoint
-from proxy.passthrough import Passthrough, Relay
+from proxy.logs import ensure_gateway_logging
+from proxy.passthrough import Passthrough, Relay, RootRoute
 from proxy.reload import AdminReload, Reloader
 from proxy.retry import RetryPolicy
 from proxy.routing.router import Router, upstream_specs
+from proxy.startup import base_url_warning
 from proxy.state import StateSpec
+from proxy.version import VERSION
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +74,40 @@ async def _http_error(request: Request, exc: Exception) -> Response:
         405: f"method {request.method} not allowed on {request.url.path}",
     }.get(exc.status_code, str(exc.detail))
     return _json_error(exc.status_code, message, exc.headers)
+
+
+class Index:
+    """``GET /``: what this server is and where to look (no secrets, no upstream address).
+    Links follow a mount prefix (``root_path``)."""
+
+    def __init__(self, docs: bool) -> None:
+        links = {"health": "/health", "models": "/models", "chat": "/chat", "openai": "/v1"}
+        if docs:
+            links = {"docs": "/docs", "openapi": "/openapi.json", **links}
+        self.links = links
+        self.body = self._body("")
+
+    def _body(self, prefix: str) -> bytes:
+        links = {name: prefix + path for name, path in self.links.items()}
+        return orjson.dumps({"name": "vllm-wrapper", "version": VERSION, "links": links})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["method"] not in ("GET", "HEAD"):
+            await MethodNotAllowed("use GET /").send(send, [(b"allow", b"GET, HEAD")])
+            return
+        prefix = scope.get("root_path", "").rstrip("/")
+        await send_json(send, 200, self._body(prefix) if prefix else self.body)
+
+
+class MissingV1:
+    """An OpenAI SDK whose base URL lacks ``/v1`` calls ``/chat/completions`` etc. here."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await NotFound(
+            f"no route for {route_path(scope)}: the OpenAI API is under /v1 — add /v1 to your "
+            "client's base URL (e.g. base_url='http://host:8001/v1'), or use POST /chat for "
+            "the simple API"
+        ).send(send)
 
 
 async def _server_error(request: Request, exc: Exception) -> Response:
@@ -151,7 +189,12 @@ def create_app(
     ``reload_fan_out`` (``--workers N``) makes ``POST /admin/reload`` reload every worker.
     """
     if settings is None:
+        ensure_gateway_logging()  # before reading the environment, which may warn
         settings = Settings.from_env()
+    ensure_gateway_logging(settings.log_level)
+    warning = base_url_warning(settings)
+    if warning:
+        log.warning("%s", warning)
     if config is None and settings.config_path:
         config = load(settings.config_path)
     file_config = config or FileConfig()
@@ -175,6 +218,7 @@ def create_app(
     passthrough = Passthrough(relay, exposure)
 
     routes = [
+        Route("/", Index(settings.docs)),
         Route("/health", Health(router, settings)),
         Route("/models", Models(relay)),
         Route("/chat", Chat(relay, settings)),
@@ -183,10 +227,14 @@ def create_app(
             "/admin/reload",
             AdminReload(reloader, auth_on=bool(keys.ring), fan_out=reload_fan_out),
         ),
+        Route("/tokenize", RootRoute(relay, "/tokenize")),
+        Route("/detokenize", RootRoute(relay, "/detokenize")),
         # /v1/... goes through V1Lane below; bare /v1 gets a 404 of ours, not a redirect.
         Route("/v1", passthrough),
+        # The OpenAI API's own paths without the /v1: a client's base URL lacks it.
+        *(Route(p, MissingV1()) for p in ("/chat/completions", "/completions", "/embeddings")),
     ]
-    public = ["/health"]
+    public = ["/", "/health"]  # the index names no secret, like /health
     if settings.docs:
         docs = Docs(settings)
         routes += [

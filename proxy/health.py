@@ -3,8 +3,9 @@
 ``/health`` always answers HTTP 200 while the gateway itself runs (a liveness
 probe), with ``status: healthy`` only when the upstream answers
 ``GET {VLLM_BASE_URL}/models`` with 200 within ``VLLM_WRAPPER_HEALTH_TIMEOUT``
-seconds. ``/health?strict=1`` answers 503 when unhealthy, for readiness probes
-and load balancers that look only at the status code.
+seconds and lists ``VLLM_MODEL``; when unhealthy, ``reason`` says why in a few
+words (:meth:`Upstream.probe`). ``/health?strict=1`` answers 503 when unhealthy,
+for readiness probes and load balancers that look only at the status code.
 
 With many upstreams, each one's ``/health`` is checked (concurrently) and the
 answer is ``healthy`` while at least one upstream in rotation serves the default
@@ -34,21 +35,23 @@ class Health:
             await MethodNotAllowed("use GET /health").send(send, [(b"allow", b"GET, HEAD")])
             return
         router = self.router
-        answer: dict[str, object]
         if router.single:
             endpoint = router.endpoints[0]
-            ok, reason = await endpoint.upstream.probe()
+            ok, reason = await endpoint.upstream.probe(self.model)
             listed = [{**endpoint.snapshot(), "healthy": ok, "last_error": None if ok else reason}]
         else:
             await router.check_all()
             ok = router.serves_default()
             listed = [e.snapshot() for e in router.endpoints]
-        answer = {
+            reason = f"no upstream in rotation serves the model {self.model!r}"
+        answer: dict[str, object] = {
             "status": "healthy" if ok else "unhealthy",
             "vllm_available": ok,
             "model": self.model,
             "base_url": ",".join(e.url for e in router.endpoints),
         }
+        if not ok:
+            answer["reason"] = reason
         if router.managed:  # many upstreams or a config file; one from the env: as before
             answer["upstreams"] = listed
         body = orjson.dumps(answer)
@@ -59,8 +62,9 @@ class Health:
 
 
 class Models:
-    """``GET /models``: the upstream's ``/models`` list (relayed as is), or with many
-    upstreams the union of what the healthy ones serve."""
+    """``GET /models``: the upstream's ``/models`` list, relayed as is (but an upstream
+    401/403 is a 502 naming the gateway's key, as on ``/chat``), or with many upstreams
+    the union of what the healthy ones serve."""
 
     def __init__(self, relay: Relay) -> None:
         self.relay = relay
@@ -72,4 +76,6 @@ class Models:
         if not self.relay.router.single:
             await send_catalog(self.relay.router, "/models", send)
             return
-        await self.relay(scope, receive, send, path="/models", query=scope["query_string"])
+        await self.relay(
+            scope, receive, send, path="/models", query=scope["query_string"], own_api=True
+        )

@@ -151,6 +151,22 @@ def build_openapi(settings: Settings, root_path: str = "") -> dict[str, Any]:
                     },
                 }
             },
+            "/": {
+                "get": {
+                    "tags": ["Operations"],
+                    "summary": "What this server is: name, version and links",
+                    "responses": {
+                        "200": {
+                            "description": "Index",
+                            "content": _json(
+                                {"type": "object"},
+                                {"name": "vllm-wrapper", "links": {"docs": "/docs"}},
+                            ),
+                        },
+                        **_ERRORS,
+                    },
+                }
+            },
             "/health": {
                 "get": {
                     "tags": ["Operations"],
@@ -285,15 +301,34 @@ def build_openapi(settings: Settings, root_path: str = "") -> dict[str, Any]:
                 )
             },
             "/v1/models": {"get": _passthrough("OpenAI model list", "get")},
+            "/tokenize": {
+                "post": _passthrough(
+                    "vLLM's tokenizer (relayed to vLLM's root /tokenize)",
+                    "post",
+                    {"model": model, "prompt": "Hello world"},
+                )
+            },
+            "/detokenize": {
+                "post": _passthrough(
+                    "vLLM's detokenizer (relayed to vLLM's root /detokenize)",
+                    "post",
+                    {"model": model, "tokens": [9906, 1917]},
+                )
+            },
             "/v1/{path}": {
                 "parameters": [
                     {
                         "name": "path",
                         "in": "path",
                         "required": True,
-                        "description": "Any other path vLLM serves under /v1 "
-                        "(e.g. `tokenize`); LoRA admin paths are refused unless "
-                        "`VLLM_WRAPPER_ALLOW_ADMIN=true`.",
+                        "description": "Another path of the allow-list (README, "
+                        "Exposure): `responses`, `score`, `rerank`, `audio/transcriptions`..."
+                        " Others get 404 unless `VLLM_WRAPPER_EXTRA_PATHS` or "
+                        "`VLLM_WRAPPER_PROXY_ALL` widen it; LoRA admin paths are refused "
+                        "unless `VLLM_WRAPPER_ALLOW_ADMIN=true`. `tokenize` and `detokenize` "
+                        "reach vLLM's root, where it serves them. What vLLM answers depends "
+                        "on its model: `embeddings`, `score` and `rerank` need a pooling "
+                        "model, `audio/*` a speech model; vLLM 0.32 has no `models/{id}`.",
                         "schema": {"type": "string"},
                     }
                 ],
@@ -399,6 +434,11 @@ _SCHEMAS: dict[str, Any] = {
                         "load": {"type": ["object", "null"]},
                     },
                 },
+            },
+            "reason": {
+                "type": "string",
+                "description": "Only when unhealthy: why, in a few words (e.g. `upstream "
+                "answered 401: it refused the gateway's credentials (check VLLM_API_KEY)`).",
             },
         },
     },

@@ -21,8 +21,15 @@ from proxy.accesslog import RequestInfo, request_info
 from proxy.asgi import Receive, Scope, Send, route_path
 from proxy.body import ClientDisconnected, check_head, read_body, wait_disconnect
 from proxy.config import Settings
-from proxy.errors import ClientError, GatewayError, UpstreamError, UpstreamProtocolError
-from proxy.exposure import Exposure
+from proxy.errors import (
+    ClientError,
+    GatewayError,
+    MethodNotAllowed,
+    UpstreamAuthRefused,
+    UpstreamError,
+    UpstreamProtocolError,
+)
+from proxy.exposure import ROOT_PATHS, Exposure
 from proxy.headers import (
     HeaderList,
     client_response_headers,
@@ -61,8 +68,18 @@ class Relay:
         self.max_header_bytes = settings.max_header_bytes
 
     async def __call__(
-        self, scope: Scope, receive: Receive, send: Send, *, path: str, query: bytes = b""
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        *,
+        path: str,
+        query: bytes = b"",
+        own_api: bool = False,
+        root: bool = False,
     ) -> None:
+        """Relay to ``path``. ``own_api`` (the gateway's ``/models``): an upstream 401/403
+        becomes a 502 saying the gateway's key was refused; ``/v1/*`` relays it as is."""
         info = request_info(scope)
         body = await self.read_request(scope, receive, send, info)
         if body is None:
@@ -91,10 +108,12 @@ class Relay:
 
         async def attempt() -> UpstreamResponse:
             info.attempts += 1
-            return await dispatch.send(method, path, query, headers, body)
+            return await dispatch.send(method, path, query, headers, body, root=root)
 
         try:
-            await self.guard(receive, info, lambda: self._exchange(send, attempt, info, ticket))
+            await self.guard(
+                receive, info, lambda: self._exchange(send, attempt, info, ticket, own_api)
+            )
         finally:
             dispatch.release()  # the response is closed: the upstream's in-flight count ends
             if ticket is not None:
@@ -158,7 +177,7 @@ class Relay:
             watcher.cancel()
         if disconnected and not completed:
             info.note = "client-disconnected"
-            log.debug("client disconnected; upstream closed (id=%s)", info.request_id)
+            log.debug("client disconnected; upstream closed (id=%s)", info.id_text)
 
     async def open(
         self, attempt: Callable[[], Awaitable[UpstreamResponse]], info: RequestInfo
@@ -174,7 +193,7 @@ class Relay:
             return response
         except UpstreamError as exc:
             info.note = exc.code or ""
-            log.warning("upstream failed: %s (id=%s)", exc.message, info.request_id)
+            log.warning("upstream failed: %s (id=%s)", exc.message, info.id_text)
             raise
         finally:
             info.upstream_ms = (time.perf_counter() - start) * 1000
@@ -185,6 +204,7 @@ class Relay:
         attempt: Callable[[], Awaitable[UpstreamResponse]],
         info: RequestInfo,
         ticket: Ticket | None = None,
+        own_api: bool = False,
     ) -> bool:
         """Returns True when the response was sent completely."""
         try:
@@ -192,6 +212,13 @@ class Relay:
         except UpstreamError as exc:
             await exc.send(send)
             return True
+        if response.status in (401, 403):
+            # Never the client's key (it is not forwarded): say so in the access line.
+            info.note = f"upstream-{response.status}:refused-VLLM_API_KEY"
+            if own_api:
+                await response.aclose()
+                await UpstreamAuthRefused.for_status(response.status).send(send)
+                return True
         headers = client_response_headers(response.headers)
         if not writable(headers):
             await response.aclose()
@@ -218,7 +245,7 @@ class Relay:
             # The status is already sent: end without completing the body so the server
             # closes the connection and the client sees a cut, not a clean (short) answer.
             info.note = f"cut:{exc.code}"
-            log.warning("upstream failed mid-response: %s (id=%s)", exc.message, info.request_id)
+            log.warning("upstream failed mid-response: %s (id=%s)", exc.message, info.id_text)
             return False
         finally:
             await response.aclose()
@@ -259,4 +286,20 @@ class Passthrough:
             await send_catalog(self.relay.router, sub, send)
             return
         path = quote(sub, safe=_PATH_SAFE)
-        await self.relay(scope, receive, send, path=path, query=scope["query_string"])
+        root = sub.rstrip("/") in ROOT_PATHS  # vLLM serves these beside /v1, not under it
+        await self.relay(scope, receive, send, path=path, query=scope["query_string"], root=root)
+
+
+class RootRoute:
+    """The gateway's own ``/tokenize`` and ``/detokenize``: relayed to the upstream's root,
+    where vLLM serves them (``{VLLM_BASE_URL}`` without its ``/v1``)."""
+
+    def __init__(self, relay: Relay, path: str) -> None:
+        self.relay = relay
+        self.path = path
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["method"] != "POST":
+            await MethodNotAllowed(f"use POST {self.path}").send(send, [(b"allow", b"POST")])
+            return
+        await self.relay(scope, receive, send, path=self.path, root=True)

@@ -15,11 +15,13 @@ from __future__ import annotations
 import base64
 import functools
 import logging
+import os
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from types import TracebackType
 
 import aiohttp
+import orjson
 from aiohttp.client_proto import ResponseHandler
 from yarl import URL
 
@@ -44,20 +46,25 @@ _SKIP_AUTO = frozenset({"Accept", "Accept-Encoding", "User-Agent", "Content-Type
 
 
 @contextmanager
-def mapped_errors(phase: str) -> Iterator[None]:
+def mapped_errors(phase: str, timeout: float) -> Iterator[None]:
     """Translate client exceptions into :class:`UpstreamError` (the only such place)."""
     try:
         yield
     except aiohttp.ConnectionTimeoutError as exc:
-        raise UpstreamConnectTimeout(f"upstream connect timeout during {phase}") from exc
+        raise UpstreamConnectTimeout(
+            f"upstream connect timeout during {phase} (VLLM_TIMEOUT={timeout:g} s)"
+        ) from exc
     except PoolFull as exc:
         raise PoolExhausted(f"no free upstream connection during {phase}") from exc
     except (TimeoutError, aiohttp.ServerTimeoutError) as exc:  # read timeout
         raise UpstreamTimeout(
-            f"upstream read timeout during {phase}: nothing received within VLLM_TIMEOUT"
+            f"upstream read timeout during {phase}: nothing received within "
+            f"VLLM_TIMEOUT={timeout:g} s"
         ) from exc
     except aiohttp.ClientConnectorError as exc:
-        raise UpstreamUnavailable(f"cannot connect to upstream during {phase}: {exc}") from exc
+        raise UpstreamUnavailable(
+            f"cannot connect to upstream {exc.host}:{exc.port} during {phase}: {_os_reason(exc)}"
+        ) from exc
     except aiohttp.ServerDisconnectedError as exc:
         # A peer that closes a pooled connection as we reuse it: safe to retry before any
         # response byte. After the response started this is a cut stream (not retried).
@@ -68,6 +75,14 @@ def mapped_errors(phase: str) -> Iterator[None]:
         raise UpstreamProtocolError(f"upstream sent an invalid response: {exc.message}") from exc
     except aiohttp.ClientError as exc:
         raise UpstreamError(f"upstream error during {phase}: {exc}") from exc
+
+
+def _os_reason(exc: aiohttp.ClientConnectorError) -> str:
+    """``connection refused`` rather than aiohttp's text (which names ``ssl:default``...)."""
+    err = exc.os_error
+    errno = getattr(err, "errno", None)
+    text = os.strerror(errno) if errno else (str(err) or type(err).__name__)
+    return text[:1].lower() + text[1:]
 
 
 class PoolFull(Exception):
@@ -123,17 +138,18 @@ class _GuardedConnector(aiohttp.TCPConnector):
 class UpstreamResponse:
     """A response whose headers have arrived and whose body streams as raw bytes."""
 
-    __slots__ = ("_response", "headers", "status")
+    __slots__ = ("_response", "_timeout", "headers", "status")
 
-    def __init__(self, response: aiohttp.ClientResponse) -> None:
+    def __init__(self, response: aiohttp.ClientResponse, timeout: float) -> None:
         self._response = response
+        self._timeout = timeout
         self.status = response.status
         self.headers: HeaderList = [(k.lower(), v) for k, v in response.raw_headers]
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """Body bytes as received (no decoding, no re-chunking); errors mapped to UpstreamError."""
         content = self._response.content
-        with mapped_errors("response body"):
+        with mapped_errors("response body", self._timeout):
             while True:
                 chunk = await content.readany()
                 if not chunk:
@@ -198,7 +214,7 @@ class Upstream:
             )
         self._api_key = key
         self.authorization = ("Bearer " + key) if key else basic
-        t = settings.timeout
+        t = self.timeout = settings.timeout
         c = min(settings.connect_timeout, t)
         # sock_read is the idle time between two reads (also waiting for the headers),
         # not a cap on a long stream; connect includes waiting for a pooled connection,
@@ -211,6 +227,7 @@ class Upstream:
         self._keepalive = settings.keepalive_expiry
         self._client: aiohttp.ClientSession | None = None
         self._users = 0
+        self._down: str | None = None  # why the upstream is down; None while it answers
 
     @property
     def is_open(self) -> bool:
@@ -261,9 +278,10 @@ class Upstream:
             self._users = 0
             await client.close()
 
-    def url(self, path: str, query: bytes = b"") -> str:
-        """``path`` is relative to the base URL (``/chat/completions``), already %-quoted."""
-        url = self.base_url + path
+    def url(self, path: str, query: bytes = b"", *, root: bool = False) -> str:
+        """``path`` is relative to the base URL (``/chat/completions``), already %-quoted;
+        with ``root``, relative to the server's root (the base URL without ``/v1``)."""
+        url = (self.root_url if root else self.base_url) + path
         if query:
             url += "?" + query.decode("latin-1")
         return url
@@ -280,7 +298,7 @@ class Upstream:
         str_headers = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in headers]
         if self.authorization is not None:
             str_headers.append(("authorization", self.authorization))
-        with mapped_errors("request"):
+        with mapped_errors("request", self.timeout):
             try:
                 response = await self.client.request(
                     method,
@@ -293,11 +311,39 @@ class Upstream:
                 if self._pool_full():
                     raise PoolFull from None
                 raise
-        return UpstreamResponse(response)
+            except aiohttp.ClientConnectorError as exc:
+                self.mark(f"cannot connect to {exc.host}:{exc.port}: {_os_reason(exc)}")
+                raise
+        if self._down is not None:
+            self.mark(None)
+        return UpstreamResponse(response, self.timeout)
 
-    async def probe(self) -> tuple[bool, str]:
-        """Quick availability check: ``GET {base}/models`` with the short health timeout."""
+    def mark(self, down: str | None) -> None:
+        """Record whether the upstream answers; log only the changes (down once, up once)."""
+        if down is not None and self._down is None:
+            log.warning("upstream %s is unavailable: %s", self.public_url, down)
+        elif down is None and self._down is not None:
+            log.info("upstream %s is available again", self.public_url)
+        self._down = down
+
+    async def probe(self, model: str | None = None) -> tuple[bool, str]:
+        """Quick availability check: ``GET {base}/models`` with the short health timeout.
+
+        Returns ``(ok, reason)``: ``reason`` is ``"ok"`` or a short text, safe to show,
+        saying what failed and what to check; with ``model``, it must be in the list.
+        """
+        ok, reason, body = await self._probe(want_body=bool(model))
+        self.mark(None if ok else reason)
+        if ok and model:
+            served = served_models(body)
+            if served is not None and model not in served:
+                shown = ", ".join(served[:10]) + (", ..." if len(served) > 10 else "")
+                return False, f"model {model} is not served (VLLM_MODEL); it serves [{shown}]"
+        return ok, reason
+
+    async def _probe(self, *, want_body: bool) -> tuple[bool, str, bytes]:
         headers = {"authorization": self.authorization} if self.authorization else {}
+        h = self._probe_timeout.total or 0.0
         try:
             async with self.client.get(
                 URL(self.url("/models"), encoded=True),
@@ -306,11 +352,25 @@ class Upstream:
                 allow_redirects=False,
             ) as response:
                 status = response.status
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            return False, f"{type(exc).__name__}: {exc}".rstrip(": ")
-        if status == 200:
-            return True, "ok"
-        return False, f"upstream answered {status}"
+                body = await response.read() if status == 200 and want_body else b""
+        except aiohttp.ClientConnectorError as exc:
+            return False, f"cannot connect to {exc.host}:{exc.port}: {_os_reason(exc)}", b""
+        except (TimeoutError, aiohttp.ServerTimeoutError):
+            return False, f"no answer within {h:g} s (VLLM_WRAPPER_HEALTH_TIMEOUT)", b""
+        except aiohttp.ClientError as exc:
+            return False, f"upstream connection failed: {type(exc).__name__}", b""
+        if status in (401, 403):
+            reason = (
+                f"upstream answered {status}: it refused the gateway's credentials "
+                "(check VLLM_API_KEY)"
+            )
+        elif status == 404:
+            reason = "upstream answered 404 for /models: does VLLM_BASE_URL end in /v1?"
+        elif status != 200:
+            reason = f"upstream answered {status} for /models"
+        else:
+            return True, "ok", body
+        return False, reason, b""
 
     @property
     def root_url(self) -> str:
@@ -323,7 +383,7 @@ class Upstream:
         Returns the status and body; raises :class:`UpstreamError` when there is no answer.
         """
         headers = {"authorization": self.authorization} if self.authorization else {}
-        with mapped_errors("health check"):
+        with mapped_errors("health check", self._probe_timeout.total or 0.0):
             async with self.client.get(
                 URL(url, encoded=True),
                 headers=headers,
@@ -331,3 +391,12 @@ class Upstream:
                 allow_redirects=False,
             ) as response:
                 return response.status, await response.read()
+
+
+def served_models(body: bytes) -> list[str] | None:
+    """The ids in a ``/models`` list, or None when the body is not one."""
+    try:
+        data = orjson.loads(body)["data"]
+        return [str(m["id"]) for m in data]
+    except (orjson.JSONDecodeError, KeyError, TypeError, IndexError):
+        return None

@@ -67,9 +67,18 @@ class Dispatch:
         self.tried: list[Endpoint] = []
 
     async def send(
-        self, method: str, path: str, query: bytes, headers: HeaderList, body: bytes
+        self,
+        method: str,
+        path: str,
+        query: bytes,
+        headers: HeaderList,
+        body: bytes,
+        *,
+        root: bool = False,
     ) -> UpstreamResponse:
-        """One attempt on the endpoint the policy picks now; records its outcome."""
+        """One attempt on the endpoint the policy picks now; records its outcome.
+
+        ``root``: ``path`` is relative to the server's root, not to its base URL (``/v1``)."""
         if self.version != self.router.version:  # a reload since the last attempt
             self.version = self.router.version
             try:
@@ -85,7 +94,8 @@ class Dispatch:
             self.info.upstream = ep.url
         upstream = ep.upstream
         try:
-            response = await upstream.send(method, upstream.url(path, query), headers, body)
+            url = upstream.url(path, query, root=root)
+            response = await upstream.send(method, url, headers, body)
         except PoolExhausted:
             raise  # our own limit, not the upstream's fault
         except UpstreamError as exc:

@@ -6,6 +6,8 @@ import argparse
 import logging
 from collections.abc import Sequence
 
+from proxy.config import Settings
+
 from .options import SimOptions
 
 
@@ -21,8 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="listen port (default: %(default)s)")
     p.add_argument(
         "--model",
-        default="tiny-llama",
-        help="served model name; several separated by commas, the first is the default "
+        default=f"{Settings().model},tiny-llama",
+        help="served model names, separated by commas; the first is the default (it is the "
+        "gateway's default VLLM_MODEL, so the two work together as they are) "
         "(default: %(default)s)",
     )
     p.add_argument(

@@ -144,3 +144,11 @@ def test_without_the_host_lifespan_the_pool_opens_lazily_with_a_warning(
             assert not gateway.state.upstream.is_open
             assert client.get("/llm/health").json()["vllm_available"] is True
     assert LAZY_WARNING in caplog.text
+
+
+def test_index_under_the_prefix_links_below_it(host: ServerProcess) -> None:
+    r = httpx.get(host.url + "/llm/", timeout=10)  # public, like /health
+    assert r.status_code == 200
+    links = r.json()["links"]
+    assert links["docs"] == "/llm/docs" and links["health"] == "/llm/health"
+    assert httpx.get(host.url + links["health"], timeout=10).status_code == 200
