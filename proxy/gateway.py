@@ -29,7 +29,7 @@ from starlette.routing import Route
 from proxy.accesslog import AccessLogMiddleware
 from proxy.asgi import ASGIApp, Receive, Scope, Send, route_path
 from proxy.auth import BearerAuthMiddleware
-from proxy.chat import Chat
+from proxy.chat import Chat, ChatCore
 from proxy.config import Settings
 from proxy.docs import ASSET_PREFIX, PUBLIC_PATHS, Docs
 from proxy.errors import error_body
@@ -119,11 +119,12 @@ def create_app(settings: Settings | None = None) -> Starlette:
         settings.extra_paths, proxy_all=settings.proxy_all, allow_admin=settings.allow_admin
     )
     passthrough = Passthrough(relay, exposure)
+    chat = ChatCore(relay, settings)
 
     routes = [
         Route("/health", Health(upstream, settings)),
         Route("/models", Models(relay)),
-        Route("/chat", Chat(relay, settings)),
+        Route("/chat", Chat(chat)),
         # /v1/... goes through V1Lane below; bare /v1 gets a 404 of ours, not a redirect.
         Route("/v1", passthrough),
     ]
