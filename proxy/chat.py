@@ -39,7 +39,7 @@ import orjson
 
 from proxy.accesslog import RequestInfo, request_info
 from proxy.asgi import Message, Receive, Scope, Send
-from proxy.chatrequest import InvalidChat, parse_chat
+from proxy.chatrequest import InvalidChat, chat_payload, parse_chat
 from proxy.config import Settings
 from proxy.errors import (
     GatewayError,
@@ -244,8 +244,11 @@ class ChatCore:
 
     def parse(self, body: bytes) -> Turn:
         """Validate a ``/chat`` body. Raises :class:`InvalidChat` (400) naming the field."""
-        payload, stream = parse_chat(body, self.settings)
-        return Turn(payload, stream)
+        return Turn(*parse_chat(body, self.settings))
+
+    def turn(self, fields: dict[str, Any]) -> Turn:
+        """:meth:`parse` on decoded fields (a ``/chat/ws`` message). Raises InvalidChat."""
+        return Turn(*chat_payload(fields, self.settings))
 
     async def run(self, turn: Turn, info: RequestInfo) -> AsyncIterator[ChatEvent]:
         """The events of one turn; always ends with a :class:`Done` or a :class:`Failed`."""

@@ -74,6 +74,11 @@ def parse_chat(body: bytes, settings: Settings) -> tuple[dict[str, Any], bool]:
         raise _fail("body", f"request body is not valid JSON: {exc}", "invalid_json") from None
     if not isinstance(data, dict):
         raise _fail("body", "request body must be a JSON object", "invalid_type")
+    return chat_payload(data, settings)
+
+
+def chat_payload(data: dict[str, Any], settings: Settings) -> tuple[dict[str, Any], bool]:
+    """:func:`parse_chat` on an already decoded object (a ``/chat/ws`` message's fields)."""
     _check_messages(data.get("messages"))
 
     model = data.get("model")

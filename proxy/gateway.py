@@ -24,7 +24,7 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
 
 from proxy.accesslog import AccessLogMiddleware
 from proxy.asgi import ASGIApp, Receive, Scope, Send, route_path
@@ -39,6 +39,7 @@ from proxy.inflight import InFlight, InFlightMiddleware
 from proxy.passthrough import Passthrough, Relay
 from proxy.retry import RetryPolicy
 from proxy.upstream import Upstream
+from proxy.ws import ChatSocket
 
 log = logging.getLogger(__name__)
 
@@ -120,11 +121,14 @@ def create_app(settings: Settings | None = None) -> Starlette:
     )
     passthrough = Passthrough(relay, exposure)
     chat = ChatCore(relay, settings)
+    chat_socket = ChatSocket(chat, settings)
 
     routes = [
         Route("/health", Health(upstream, settings)),
         Route("/models", Models(relay)),
         Route("/chat", Chat(chat)),
+        WebSocketRoute("/chat/ws", chat_socket),
+        Route("/chat/ws", chat_socket),  # plain HTTP: 426 with a hint
         # /v1/... goes through V1Lane below; bare /v1 gets a 404 of ours, not a redirect.
         Route("/v1", passthrough),
     ]
@@ -156,7 +160,12 @@ def create_app(settings: Settings | None = None) -> Starlette:
             )
         )
     middleware += [
-        Middleware(BearerAuthMiddleware, api_key=settings.wrapper_api_key, exempt=public),
+        Middleware(
+            BearerAuthMiddleware,
+            api_key=settings.wrapper_api_key,
+            exempt=public,
+            message_auth=["/chat/ws"],
+        ),
         Middleware(V1Lane, v1=passthrough),
     ]
 
