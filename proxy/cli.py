@@ -195,11 +195,14 @@ async def serve_demo(settings: Settings, options: dict) -> None:
             await sim_task  # surfaces why it could not start
             return
         await asyncio.sleep(0.01)
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
     print(
         f"demo: simulated vLLM serving {', '.join(models)} on {settings.base_url}; "
         f"gateway on http://{settings.host}:{settings.port}",
         flush=True,
     )
+    if settings.playground:
+        print(f"demo: chat in your browser at http://{host}:{settings.port}/playground", flush=True)
     try:
         await gateway.serve()
     finally:

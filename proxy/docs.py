@@ -61,19 +61,19 @@ class Docs:
                 assets=html.escape(root + ASSET_PREFIX.rstrip("/")),
                 spec=html.escape(root + "/openapi.json"),
             ).encode()
-            await _send(send, page, b"text/html; charset=utf-8", b"no-cache")
+            await send_static(send, page, b"text/html; charset=utf-8", b"no-cache")
         elif path.startswith(ASSET_PREFIX) and path[len(ASSET_PREFIX) :] in _ASSETS:
             name = path[len(ASSET_PREFIX) :]
             folder, kind = _ASSETS[name]
             body = self._files.get(name)
             if body is None:
                 body = self._files[name] = (folder / name).read_bytes()
-            await _send(send, body, kind, b"public, max-age=86400")
+            await send_static(send, body, kind, b"public, max-age=86400")
         else:
             await NotFound(f"no route for GET {path}").send(send)
 
 
-async def _send(send: Send, body: bytes, content_type: bytes, cache: bytes) -> None:
+async def send_static(send: Send, body: bytes, content_type: bytes, cache: bytes) -> None:
     await send(
         {
             "type": "http.response.start",

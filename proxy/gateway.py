@@ -37,6 +37,9 @@ from proxy.exposure import Exposure
 from proxy.health import Health, Models
 from proxy.inflight import InFlight, InFlightMiddleware
 from proxy.passthrough import Passthrough, Relay
+from proxy.playground import PATH as PLAYGROUND
+from proxy.playground import PUBLIC_PATHS as PLAYGROUND_PATHS
+from proxy.playground import Playground
 from proxy.retry import RetryPolicy
 from proxy.upstream import Upstream
 from proxy.ws import ChatSocket
@@ -143,6 +146,11 @@ def create_app(settings: Settings | None = None) -> Starlette:
         # The docs describe the API without calling it; a browser cannot send a bearer
         # header to open a page, so they are public (README, "API docs").
         public += PUBLIC_PATHS
+    if settings.playground:
+        playground = Playground()
+        routes += [Route(PLAYGROUND, playground), Route(PLAYGROUND + "/{name}", playground)]
+        # Like the docs, the page itself calls nothing; it asks for the key to chat.
+        public += PLAYGROUND_PATHS
 
     inflight = InFlight()
     middleware = [
