@@ -57,7 +57,6 @@ class Settings:
     docs: bool = True
     playground: bool = True
     ws_max_requests: int = 8
-    ws_queue: int = 256
     ws_send_timeout: float = 10.0
     ws_ping_interval: float = 20.0
     ws_auth_timeout: float = 10.0
@@ -274,7 +273,6 @@ ENV_VARS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "VLLM_WRAPPER_DOCS": ("docs", _bool),
     "VLLM_WRAPPER_PLAYGROUND": ("playground", _bool),
     "VLLM_WRAPPER_WS_MAX_REQUESTS": ("ws_max_requests", _int_range(1, 1000)),
-    "VLLM_WRAPPER_WS_QUEUE": ("ws_queue", _int_range(1)),
     "VLLM_WRAPPER_WS_SEND_TIMEOUT": ("ws_send_timeout", _float_range(0.0, open_lo=True)),
     "VLLM_WRAPPER_WS_PING_INTERVAL": ("ws_ping_interval", _float_range(0.0)),
     "VLLM_WRAPPER_WS_AUTH_TIMEOUT": ("ws_auth_timeout", _float_range(0.0, open_lo=True)),

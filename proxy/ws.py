@@ -24,10 +24,11 @@ whatever that core does for a turn (limits, history, metrics) holds here too.
 Turns run concurrently by ``id`` (at most ``VLLM_WRAPPER_WS_MAX_REQUESTS``);
 ``cancel`` or closing the socket closes their upstream requests at once.
 
-What the server sends goes through one bounded queue (``VLLM_WRAPPER_WS_QUEUE``
-messages; a full queue pauses the turns, so the upstream is read no faster than
-the client reads) and each send must finish within ``VLLM_WRAPPER_WS_SEND_TIMEOUT``,
-else the socket is closed with 1008: a client that stops reading costs bounded memory.
+The server sends one message at a time; a turn waits for its message to go out
+before it reads more from the upstream (so the upstream is read no faster than
+the client reads, and at most one message per turn waits). A send that does not
+finish within ``VLLM_WRAPPER_WS_SEND_TIMEOUT`` closes the socket with 1008 and
+its upstream requests: a client that stops reading costs bounded memory.
 Bad messages (not JSON, unknown type, over ``VLLM_WRAPPER_MAX_BODY_BYTES``) get an
 ``error`` message and the socket stays open.
 """
@@ -140,7 +141,11 @@ class _Session:
         self.settings = app.settings
         self.receive = receive
         self.send = send
-        self.out: asyncio.Queue[str] = asyncio.Queue(app.settings.ws_queue)
+        # One send at a time; a turn waits for its turn to send (at most one message each).
+        self.lock = asyncio.Lock()
+        self.loop = asyncio.get_running_loop()
+        self.sending_since: float | None = None
+        self.last_sent = self.loop.time()
         self.turns: dict[str | int, asyncio.Task[None]] = {}
         self.cancelled: set[str | int] = set()
         self.counter = 0
@@ -148,20 +153,49 @@ class _Session:
     async def serve(self, needs_auth: bool) -> None:
         if needs_auth and not await self._authenticate():
             return
-        await self.out.put(_READY)
-        writer = asyncio.ensure_future(self._write())
+        await self._emit(_READY)
         reader = asyncio.ensure_future(self._read())
+        watchdog = asyncio.ensure_future(self._watch())
         try:
-            await asyncio.wait((reader, writer), return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait((reader, watchdog), return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for task in (reader, *self.turns.values()):
+            for task in (reader, watchdog, *self.turns.values()):
                 task.cancel()
-            await asyncio.gather(reader, *self.turns.values(), return_exceptions=True)
-            writer.cancel()
-            await asyncio.gather(writer, return_exceptions=True)
-        if writer.done() and not writer.cancelled() and writer.result() is not None:
-            code, reason = writer.result()
-            await self._close(code, reason)
+            await asyncio.gather(reader, watchdog, *self.turns.values(), return_exceptions=True)
+        if watchdog.done() and not watchdog.cancelled() and watchdog.exception() is None:
+            await self._close(POLICY_VIOLATION, "client too slow: messages were not read")
+
+    async def _emit(self, text: str) -> None:
+        """Send one message; waits while another is being sent (the watchdog bounds that)."""
+        async with self.lock:
+            self.sending_since = self.loop.time()
+            await self.send({"type": "websocket.send", "text": text})
+            self.sending_since = None
+            self.last_sent = self.loop.time()
+
+    async def _watch(self) -> None:
+        """Returns when a send has been stuck for the send timeout; pings an idle socket.
+
+        One timer per socket instead of one per message: it checks a few times per
+        period whether the send in progress began too long ago.
+        """
+        limit = self.settings.ws_send_timeout
+        ping = self.settings.ws_ping_interval
+        tick = min(limit, ping or limit) / 4
+        while True:
+            await asyncio.sleep(tick)
+            now = self.loop.time()
+            since = self.sending_since
+            if since is not None and now - since > limit:
+                log.warning("closing /chat/ws: the client read nothing for %gs", limit)
+                return
+            if ping and since is None and now - self.last_sent >= ping and not self.lock.locked():
+                try:
+                    async with asyncio.timeout(limit):
+                        await self._emit(_PING)
+                except TimeoutError:
+                    log.warning("closing /chat/ws: the client read nothing for %gs", limit)
+                    return
 
     async def _close(self, code: int, reason: str) -> None:
         try:
@@ -196,25 +230,6 @@ class _Session:
         await self._close(POLICY_VIOLATION, "unauthorized")
         return False
 
-    async def _write(self) -> tuple[int, str] | None:
-        """Send queued messages in order; a close code when the client stopped reading."""
-        ping = self.settings.ws_ping_interval or None
-        limit = self.settings.ws_send_timeout
-        while True:
-            try:
-                async with asyncio.timeout(ping):
-                    text = await self.out.get()
-            except TimeoutError:
-                text = _PING
-            try:
-                async with asyncio.timeout(limit):
-                    await self.send({"type": "websocket.send", "text": text})
-            except TimeoutError:
-                log.warning("closing /chat/ws: the client read nothing for %gs", limit)
-                return POLICY_VIOLATION, "client too slow: messages were not read"
-            except OSError:
-                return None  # gone (servers raise on a send after the disconnect)
-
     async def _read(self) -> None:
         limit = self.settings.max_body_bytes
         while True:
@@ -242,7 +257,7 @@ class _Session:
             elif kind == "cancel":
                 await self._cancel(data.get("id"))
             elif kind == "ping":
-                await self.out.put(_PONG)
+                await self._emit(_PONG)
             elif kind == "auth":
                 continue  # already authorized (header or earlier message)
             else:
@@ -311,10 +326,10 @@ class _Session:
             async with aclosing(self.core.run(turn, info)) as events:
                 async for event in events:
                     if isinstance(event, Delta):
-                        await self.out.put(_event("delta", turn_id, content=event.text))
+                        await self._emit(_event("delta", turn_id, content=event.text))
                     elif isinstance(event, Done):
                         outcome = "done"
-                        await self.out.put(
+                        await self._emit(
                             _event(
                                 "done",
                                 turn_id,
@@ -325,13 +340,15 @@ class _Session:
                         )
                     elif isinstance(event, Failed):
                         outcome = f"error:{event.status}"
-                        await self.out.put(_failed(turn_id, event.status, event.body))
+                        await self._emit(_failed(turn_id, event.status, event.body))
+        except OSError:
+            info.note = "client-disconnected"  # the reader sees the disconnect and ends
         except asyncio.CancelledError:
             if turn_id not in self.cancelled:
                 raise  # the socket is closing
             asyncio.current_task().uncancel()  # type: ignore[union-attr]
             info.note = "cancelled"
-            await self.out.put(
+            await self._emit(
                 _event("done", turn_id, usage=None, finish_reason="cancelled", model=turn.model)
             )
         finally:
@@ -349,7 +366,7 @@ class _Session:
                 )
 
     async def _error(self, turn_id: str | int | None, exc: ClientError) -> None:
-        await self.out.put(_failed(turn_id, exc.status, exc.body()))
+        await self._emit(_failed(turn_id, exc.status, exc.body()))
 
 
 def _decode(message: dict[str, Any]) -> Any:

@@ -184,3 +184,19 @@ def test_demo_prints_the_playground_url_and_chats_over_the_socket() -> None:
             send(ws, type="chat", id=1, messages=[{"role": "user", "content": "hi"}])
             got = collect(ws, {1})[1]
         assert got[-1]["type"] == "done" and len(got) > 3
+
+
+@pytest.mark.browser
+def test_readme_browser_snippet_runs_as_written(
+    browser_page, page_gateway: ServerProcess, slow_sim: Sim
+) -> None:  # type: ignore[no-untyped-def]
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    (snippet,) = [b for b in re.findall(r"```js\n(.*?)```", readme, re.S) if "/chat/ws" in b]
+    page = browser_page
+    page.goto(page_gateway.url + "/playground")  # any page of the gateway's origin
+    with page.expect_console_message(lambda m: m.type == "log", timeout=30_000) as caught:
+        page.add_script_tag(content=snippet)  # a classic script, as in a page
+    done = caught.value.args[0].json_value()
+    assert done["type"] == "done" and done["id"] == "t1", done
+    assert done["usage"]["completion_tokens"] == 400  # the slow simulator's fixed length
+    assert "You asked about" in page.inner_text("body")

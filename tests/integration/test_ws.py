@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import orjson
@@ -303,7 +306,7 @@ def endless_sim() -> Iterator[Sim]:
 
 
 def test_slow_reader_is_closed_and_costs_bounded_memory(endless_sim: Sim) -> None:
-    env = {**GATEWAY_ENV, "VLLM_WRAPPER_WS_QUEUE": "8", "VLLM_WRAPPER_WS_SEND_TIMEOUT": "1"}
+    env = {**GATEWAY_ENV, "VLLM_WRAPPER_WS_SEND_TIMEOUT": "1"}
     with gateway_server(endless_sim.base_url, env=env) as gw:
         rss_before = rss_bytes(gw.proc.pid)
         client = StalledClient(gw.url)
@@ -378,3 +381,25 @@ def test_under_hypercorn(sim: Sim, clean_sim: Sim) -> None:
             assert clean_sim.wait_aborted(1)["aborted"] == 1
             send(ws, type="chat", id=2, messages=HI, max_tokens=4)
             assert collect(ws, {2})[2][-1]["type"] == "done"
+
+
+# ---- the README's snippets, as written -------------------------------------------------
+
+README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+
+
+def readme_block(language: str, marker: str) -> str:
+    blocks = re.findall(rf"```{language}\n(.*?)```", README, re.S)
+    (block,) = [b for b in blocks if marker in b]
+    return block
+
+
+def test_readme_python_snippet_runs_as_written(auth_gateway: ServerProcess) -> None:
+    code = readme_block("python", "websockets.sync.client")
+    code = code.replace("localhost:8001", auth_gateway.url.removeprefix("http://"))
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    text, _, last = done.stdout.rpartition("\n ")
+    assert text.strip() and "'type': 'done'" in last and "'finish_reason': 'stop'" in last
