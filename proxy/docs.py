@@ -46,8 +46,7 @@ class Docs:
         self._files: dict[str, bytes] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["method"] not in ("GET", "HEAD"):
-            await MethodNotAllowed("use GET").send(send, [(b"allow", b"GET, HEAD")])
+        if await refused_unless_get(scope, send):
             return
         root = scope.get("root_path", "").rstrip("/")
         path = route_path(scope)
@@ -71,6 +70,14 @@ class Docs:
             await send_static(send, body, kind, b"public, max-age=86400")
         else:
             await NotFound(f"no route for GET {path}").send(send)
+
+
+async def refused_unless_get(scope: Scope, send: Send) -> bool:
+    """Answer 405 to a method other than GET or HEAD; True when it did."""
+    if scope["method"] in ("GET", "HEAD"):
+        return False
+    await MethodNotAllowed("use GET").send(send, [(b"allow", b"GET, HEAD")])
+    return True
 
 
 async def send_static(send: Send, body: bytes, content_type: bytes, cache: bytes) -> None:

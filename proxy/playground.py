@@ -13,8 +13,8 @@ import html
 from importlib import resources
 
 from proxy.asgi import Receive, Scope, Send, route_path
-from proxy.docs import send_static
-from proxy.errors import MethodNotAllowed, NotFound
+from proxy.docs import refused_unless_get, send_static
+from proxy.errors import NotFound
 
 PATH = "/playground"
 _STATIC = resources.files("proxy") / "static"
@@ -33,8 +33,7 @@ class Playground:
         self._files = {name: (_STATIC / name).read_bytes() for name in _ASSETS}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["method"] not in ("GET", "HEAD"):
-            await MethodNotAllowed("use GET").send(send, [(b"allow", b"GET, HEAD")])
+        if await refused_unless_get(scope, send):
             return
         root = scope.get("root_path", "").rstrip("/")
         path = route_path(scope)

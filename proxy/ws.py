@@ -73,10 +73,6 @@ _READY = orjson.dumps({"type": "ready"}).decode()
 _MAX_ID = 128
 
 
-class _Closed(Exception):
-    """The client went away."""
-
-
 class ChatSocket:
     """The ``/chat/ws`` ASGI app: checks the handshake, then serves one :class:`_Session`."""
 
@@ -133,7 +129,7 @@ class ChatSocket:
 
 
 class _Session:
-    """One open socket: a reader (this task), a writer task and one task per running turn."""
+    """One open socket: a reader task, a watchdog task and one task per running turn."""
 
     def __init__(self, app: ChatSocket, receive: Receive, send: Send) -> None:
         self.core = app.core

@@ -105,6 +105,15 @@ def _ask(page, text: str) -> None:  # type: ignore[no-untyped-def]
     page.press("#prompt", "Enter")
 
 
+def _wait_chunks(page, answer: int, chunks: int, *, streaming: bool = False) -> None:  # type: ignore[no-untyped-def]
+    """Wait until answer number ``answer`` shows ``chunks`` pieces (still streaming, if asked)."""
+    still = "b.classList.contains('streaming') &&" if streaming else ""
+    page.wait_for_function(
+        f"() => {{ const b = document.querySelectorAll('{ANSWER}')[{answer}];"
+        f" return b && {still} Number(b.dataset.chunks) >= {chunks}; }}"
+    )
+
+
 @pytest.mark.browser
 def test_chat_in_headless_chromium(
     browser_page, page_gateway: ServerProcess, slow_sim: Sim, tmp_path: Path
@@ -127,10 +136,7 @@ def test_chat_in_headless_chromium(
     page.fill("#max-tokens", "40")
     _ask(page, "Hello! How are you?")
     first = page.locator(ANSWER).nth(0)
-    page.wait_for_function(
-        "() => { const b = document.querySelectorAll('.msg.assistant')[0];"
-        " return b && b.classList.contains('streaming') && Number(b.dataset.chunks) >= 3; }"
-    )
+    _wait_chunks(page, 0, 3, streaming=True)
     partial = first.locator(".text").inner_text()
     first.and_(page.locator("[data-finish]")).wait_for(timeout=30_000)
     whole = first.locator(".text").inner_text()
@@ -143,10 +149,7 @@ def test_chat_in_headless_chromium(
     page.fill("#max-tokens", "400")
     _ask(page, "Write a long story, please.")
     second = page.locator(ANSWER).nth(1)
-    page.wait_for_function(
-        "() => { const b = document.querySelectorAll('.msg.assistant')[1];"
-        " return b && Number(b.dataset.chunks) >= 5; }"
-    )
+    _wait_chunks(page, 1, 5)
     page.click("#stop")
     second.and_(page.locator("[data-finish]")).wait_for(timeout=30_000)
     assert second.get_attribute("data-finish") == "cancelled"
