@@ -359,16 +359,26 @@ def test_200_sockets_at_once_then_fds_and_memory_back(gw: ServerProcess) -> None
 # ---- another server ------------------------------------------------------------------
 
 
-def test_under_hypercorn(sim: Sim, clean_sim: Sim) -> None:
+SERVERS = {
+    "hypercorn": ["-m", "hypercorn", "proxy:create_app()", "--bind", "127.0.0.1:{port}"],
+    "uvicorn-wsproto": [
+        *("-m", "uvicorn", "proxy:create_app", "--factory", "--ws", "wsproto"),
+        *("--host", "127.0.0.1", "--port", "{port}"),
+    ],
+}
+
+
+@pytest.mark.parametrize("server", SERVERS)
+def test_under_other_servers(sim: Sim, clean_sim: Sim, server: str) -> None:
     port = free_port()
-    args = [sys.executable, "-m", "hypercorn", "proxy:create_app()", "--bind", f"127.0.0.1:{port}"]
+    args = [sys.executable, *(a.format(port=port) for a in SERVERS[server])]
     env = {
         **GATEWAY_ENV,
         "VLLM_BASE_URL": sim.base_url,
         "VLLM_WRAPPER_ENV_FILE": "",
         "VLLM_WRAPPER_API_KEY": KEY,
     }
-    with ServerProcess(args, port=port, env=env, name="hypercorn") as s:
+    with ServerProcess(args, port=port, env=env, name=server) as s:
         with pytest.raises(InvalidStatus) as caught:
             connect(ws_url(s.url), additional_headers={"Authorization": "Bearer nope"})
         assert caught.value.response.status_code == 401
