@@ -92,6 +92,11 @@ def parse_chat(body: bytes, settings: Settings) -> tuple[dict[str, Any], bool]:
         raise _fail("body", "request body must be a JSON object", "invalid_type")
     if _too_deep(data, MAX_DEPTH):
         raise _fail("body", f"request body nests deeper than {MAX_DEPTH} levels")
+    return chat_payload(data, settings)
+
+
+def chat_payload(data: dict[str, Any], settings: Settings) -> tuple[dict[str, Any], bool]:
+    """:func:`parse_chat` on an already decoded object (a ``/chat/ws`` message's fields)."""
     _check_messages(data.get("messages"))
 
     model = data.get("model")

@@ -67,6 +67,11 @@ class Settings:
     connect_timeout: float = 3.0
     # Where the settings came from (not a variable): the env file read, "" for none.
     env_file: str = ""
+    playground: bool = True
+    ws_max_requests: int = 8
+    ws_send_timeout: float = 10.0
+    ws_ping_interval: float = 20.0
+    ws_auth_timeout: float = 10.0
 
     @classmethod
     def from_env(
@@ -430,6 +435,23 @@ ENV_VARS: dict[str, Var] = {
         "connect_timeout",
         _float_range(0.0, open_lo=True),
         "seconds to connect to an upstream (at most VLLM_TIMEOUT)",
+    ),
+    "VLLM_WRAPPER_PLAYGROUND": Var("playground", _bool, "serve the /playground chat page"),
+    "VLLM_WRAPPER_WS_MAX_REQUESTS": Var(
+        "ws_max_requests", _int_range(1, 1000), "requests running at once on one /chat/ws socket"
+    ),
+    "VLLM_WRAPPER_WS_SEND_TIMEOUT": Var(
+        "ws_send_timeout",
+        _float_range(0.0, open_lo=True),
+        "seconds a /chat/ws send may stall before the socket is closed (1008)",
+    ),
+    "VLLM_WRAPPER_WS_PING_INTERVAL": Var(
+        "ws_ping_interval", _float_range(0.0), "seconds of silence before /chat/ws sends a ping"
+    ),
+    "VLLM_WRAPPER_WS_AUTH_TIMEOUT": Var(
+        "ws_auth_timeout",
+        _float_range(0.0, open_lo=True),
+        "seconds a header-less /chat/ws socket has to send its auth message",
     ),
 }
 

@@ -36,7 +36,7 @@ from typing import Any
 
 import orjson
 
-from proxy.asgi import Send
+from proxy.asgi import Scope, Send
 
 HeaderList = list[tuple[bytes, bytes]]
 
@@ -268,3 +268,30 @@ async def send_json(
         }
     )
     await send({"type": "http.response.body", "body": body})
+
+
+async def deny_websocket(
+    scope: Scope, send: Send, exc: GatewayError, headers: Iterable[tuple[bytes, bytes]] = ()
+) -> None:
+    """Refuse a WebSocket handshake with ``exc`` as an HTTP answer (its status and body).
+
+    Uses the ASGI ``websocket.http.response`` extension (uvicorn, hypercorn); a server
+    without it gets a close before accept, which it turns into a plain 403.
+    """
+    if "websocket.http.response" not in scope.get("extensions", {}):
+        await send({"type": "websocket.close", "code": 1008})
+        return
+    body = exc.body()
+    await send(
+        {
+            "type": "websocket.http.response.start",
+            "status": exc.status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *exc.headers,
+                *headers,
+            ],
+        }
+    )
+    await send({"type": "websocket.http.response.body", "body": body})

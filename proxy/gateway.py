@@ -27,12 +27,12 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
 
 from proxy.accesslog import AccessLogMiddleware
 from proxy.asgi import ASGIApp, Receive, Scope, Send, route_path
 from proxy.auth import BearerAuthMiddleware
-from proxy.chat import Chat
+from proxy.chat import Chat, ChatCore
 from proxy.config import Settings
 from proxy.configfile import FileConfig, load
 from proxy.docs import ASSET_PREFIX, PUBLIC_PATHS, Docs
@@ -44,12 +44,16 @@ from proxy.keys import Keys
 from proxy.limits import Limiter, UsageEndpoint
 from proxy.logs import ensure_gateway_logging
 from proxy.passthrough import Passthrough, Relay, RootRoute
+from proxy.playground import PATH as PLAYGROUND
+from proxy.playground import PUBLIC_PATHS as PLAYGROUND_PATHS
+from proxy.playground import Playground
 from proxy.reload import AdminReload, Reloader
 from proxy.retry import RetryPolicy
 from proxy.routing.router import Router, upstream_specs
 from proxy.startup import base_url_warning
 from proxy.state import StateSpec
 from proxy.version import VERSION
+from proxy.ws import ChatSocket
 
 log = logging.getLogger(__name__)
 
@@ -216,12 +220,16 @@ def create_app(
         settings.extra_paths, proxy_all=settings.proxy_all, allow_admin=settings.allow_admin
     )
     passthrough = Passthrough(relay, exposure)
+    chat = ChatCore(relay, settings)
+    chat_socket = ChatSocket(chat, settings, keys)
 
     routes = [
         Route("/", Index(settings.docs)),
         Route("/health", Health(router, settings)),
         Route("/models", Models(relay)),
-        Route("/chat", Chat(relay, settings)),
+        Route("/chat", Chat(chat)),
+        WebSocketRoute("/chat/ws", chat_socket),
+        Route("/chat/ws", chat_socket),  # plain HTTP: 426 with a hint
         Route("/usage", UsageEndpoint(keys, limiter)),
         Route(
             "/admin/reload",
@@ -245,6 +253,11 @@ def create_app(
         # The docs describe the API without calling it; a browser cannot send a bearer
         # header to open a page, so they are public (README, "API docs").
         public += PUBLIC_PATHS
+    if settings.playground:
+        playground = Playground()
+        routes += [Route(PLAYGROUND, playground), Route(PLAYGROUND + "/{name}", playground)]
+        # Like the docs, the page itself calls nothing; it asks for the key to chat.
+        public += PLAYGROUND_PATHS
 
     inflight = InFlight()
     middleware = [
@@ -262,7 +275,7 @@ def create_app(
             )
         )
     middleware += [
-        Middleware(BearerAuthMiddleware, keys=keys, exempt=public),
+        Middleware(BearerAuthMiddleware, keys=keys, exempt=public, message_auth=["/chat/ws"]),
         Middleware(V1Lane, v1=passthrough),
     ]
 

@@ -34,13 +34,24 @@ def listen_url(host: str, port: int) -> str:
 
 def startup_line(settings: Settings, url: str, *, upstream: str | None = None) -> str:
     """``vllm-wrapper X on URL -> upstream U; model M; auth A; env file F; docs D``."""
-    auth = "on (1 key)" if settings.wrapper_api_key else "OFF (VLLM_WRAPPER_API_KEY is empty)"
+    count = len([k for k in settings.wrapper_api_key.split(",") if k.strip()])
+    if count:
+        auth = f"on ({count} key{'s' if count > 1 else ''})"
+    elif settings.config_path:
+        auth = f"as the [[keys]] of {settings.config_path} say (none: OFF)"
+    else:
+        auth = "OFF (VLLM_WRAPPER_API_KEY is empty)"
+    if settings.config_path:
+        auth += f"; config {settings.config_path}"
     docs = f"{url}/docs" if settings.docs else "off"
-    return (
+    line = (
         f"vllm-wrapper {VERSION} on {url} -> upstream {upstream or settings.public_base_url}; "
         f"model {settings.model}; auth {auth}; env file {settings.env_file or 'none'}; "
         f"docs {docs}"
     )
+    if settings.playground:
+        line += f"; chat in your browser at {url}/playground"
+    return line
 
 
 def base_url_warning(settings: Settings) -> str | None:

@@ -22,6 +22,7 @@ import proxy
 from tests.integration.conftest import CHAT_BODY, GATEWAY_ENV, KEY, MODEL, Sim
 from tests.support.servers import ServerProcess, free_port
 from tests.support.streams import check_disconnect_aborts, check_streams_incrementally
+from tests.support.wsclient import chat_socket, collect, next_message, send
 
 AUTH = {"Authorization": f"Bearer {KEY}"}
 LAZY_WARNING = "opened outside the lifespan"
@@ -152,3 +153,13 @@ def test_index_under_the_prefix_links_below_it(host: ServerProcess) -> None:
     links = r.json()["links"]
     assert links["docs"] == "/llm/docs" and links["health"] == "/llm/health"
     assert httpx.get(host.url + links["health"], timeout=10).status_code == 200
+
+
+def test_chat_websocket_through_the_mount(host: ServerProcess, clean_sim: Sim) -> None:
+    clean_sim.faults(stall_after_chunks=3, stall_seconds=10)
+    with chat_socket(host.url + "/llm", KEY) as ws:
+        send(ws, type="chat", id=1, messages=[{"role": "user", "content": "hi"}], max_tokens=99)
+        assert next_message(ws)["type"] == "delta"
+        send(ws, type="cancel", id=1)
+        assert collect(ws, {1})[1][-1]["finish_reason"] == "cancelled"
+    assert clean_sim.wait_aborted(1)["aborted"] == 1
