@@ -4,7 +4,8 @@
 id (the client's ``X-Request-Id`` if sane, else a new one), returns it on every
 response, and logs one line when the request ends::
 
-    POST /v1/chat/completions 200 upstream=12.3ms bytes=4567 dur=812.0ms id=ab12...
+    POST /v1/chat/completions 200 upstream=12.3ms bytes=4567 dur=812.0ms attempts=1 \
+        key=team-a model=llama id=ab12...
 
 Bodies and the ``authorization`` header are never logged.
 """
@@ -27,9 +28,31 @@ _UNPARSED: Any = object()
 
 
 class RequestInfo:
-    """What handlers record about a request for its log line."""
+    """What the stages learn about one request, for its log line and its metrics.
 
-    __slots__ = ("_json", "attempts", "note", "request_id", "started", "upstream_ms")
+    Filled as the request goes: ``key_name`` by auth (``invalid`` for a refused key),
+    ``model`` by the stage that reads the request's model, ``body`` by the relay once
+    read, the token counts by whoever reads the answer's usage, ``disconnected_at``
+    (a ``perf_counter`` time) when the client went away before the answer was complete,
+    ``outcome`` by a stage that ended a response cleanly but not as it should
+    (``upstream_cut``). Unset fields cost nothing.
+    """
+
+    __slots__ = (
+        "_json",
+        "attempts",
+        "body",
+        "completion_tokens",
+        "disconnected_at",
+        "key_name",
+        "model",
+        "note",
+        "outcome",
+        "prompt_tokens",
+        "request_id",
+        "started",
+        "upstream_ms",
+    )
 
     def __init__(self, request_id: bytes) -> None:
         self.started = time.perf_counter()
@@ -38,6 +61,19 @@ class RequestInfo:
         self.attempts = 0
         self.note = ""
         self._json: Any = _UNPARSED
+        self.body = b""
+        self.key_name: str | None = None
+        self.model: str | None = None
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.disconnected_at: float | None = None
+        self.outcome: str | None = None
+
+    def set_usage(self, usage: Any) -> None:
+        """Record an OpenAI ``usage`` object's prompt and completion token counts."""
+        if isinstance(usage, dict):
+            self.prompt_tokens = _count(usage.get("prompt_tokens"))
+            self.completion_tokens = _count(usage.get("completion_tokens"))
 
     def json_body(self, body: bytes) -> dict[str, Any] | None:
         """The request body's top-level JSON object, parsed at most once per request.
@@ -53,6 +89,19 @@ class RequestInfo:
                 parsed = None
             self._json = parsed if isinstance(parsed, dict) else None
         return self._json
+
+
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def _shown(name: str | None) -> str:
+    """A name for the log line: as is when short and plain, else quoted and cut."""
+    if not name:
+        return "-"
+    if len(name) <= 128 and name.isprintable() and " " not in name:
+        return name
+    return ascii(name[:128])
 
 
 def request_info(scope: Scope) -> RequestInfo:
@@ -98,7 +147,7 @@ class AccessLogMiddleware:
                 dur = (time.perf_counter() - start) * 1000
                 up = f"{info.upstream_ms:.1f}ms" if info.upstream_ms is not None else "-"
                 log.info(
-                    "%s %s %s upstream=%s bytes=%d dur=%.1fms attempts=%d id=%s%s",
+                    "%s %s %s upstream=%s bytes=%d dur=%.1fms attempts=%d key=%s model=%s id=%s%s",
                     scope["method"],
                     scope["path"],
                     status or "-",
@@ -106,6 +155,8 @@ class AccessLogMiddleware:
                     sent,
                     dur,
                     info.attempts,
+                    info.key_name or "-",
+                    _shown(info.model),
                     rid.decode("latin-1"),
                     f" {info.note}" if info.note else "",
                 )

@@ -15,6 +15,7 @@ import hashlib
 import secrets
 from collections.abc import Iterable
 
+from proxy.accesslog import request_info
 from proxy.asgi import ASGIApp, Receive, Scope, Send, route_path
 from proxy.errors import Unauthorized
 
@@ -36,6 +37,8 @@ class BearerAuthMiddleware:
             await self.app(scope, receive, send)
             return
         problem = self._check(scope["headers"])
+        # The key's name for logs and metrics: the one key of VLLM_WRAPPER_API_KEY is "default".
+        request_info(scope).key_name = "invalid" if problem else "default"
         if problem is None:
             await self.app(scope, receive, send)
             return

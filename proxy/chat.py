@@ -169,6 +169,7 @@ class Chat:
         except InvalidChat as exc:
             await exc.send(send)
             return
+        info.model = payload["model"]
         upstream = self.relay.upstream
         url = upstream.url("/chat/completions")
         headers = upstream_request_headers(
@@ -234,6 +235,7 @@ class Chat:
             return
         finally:
             await response.aclose()
+        info.set_usage(answer["usage"])
         await send_json(send, 200, orjson.dumps(answer))
 
     async def _stream(
@@ -266,8 +268,10 @@ class Chat:
         except UpstreamError as exc:
             # The status is out: say what happened in-band, then end the stream cleanly.
             info.note = f"stream-error:{exc.code}"
+            info.outcome = "upstream_cut"
             log.warning("upstream failed mid-stream: %s (id=%s)", exc.message, info.request_id)
             tail = error_event(exc)
         finally:
+            info.set_usage(state.usage)
             await response.aclose()
         await send({"type": "http.response.body", "body": tail, "more_body": False})

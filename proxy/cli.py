@@ -6,8 +6,10 @@ import argparse
 import asyncio
 import gc
 import os
+import shutil
 import socket
 import sys
+import tempfile
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -37,12 +39,25 @@ def tune_gc() -> None:
     gc.set_threshold(GC_THRESHOLD, *gc.get_threshold()[1:])
 
 
+def own_process() -> None:
+    """Process-wide defaults for a process ``python -m proxy`` owns (not a host app's).
+
+    :func:`tune_gc`, and no ``*_created`` series beside each counter and histogram
+    (prometheus-client's default doubles the series count; Prometheus users rarely
+    want them, and multiprocess mode has none).
+    """
+    from prometheus_client import disable_created_metrics
+
+    tune_gc()
+    disable_created_metrics()
+
+
 def worker_app() -> Starlette:
-    """The app factory each ``--workers`` process runs: the gateway, then :func:`tune_gc`."""
+    """The app factory each ``--workers`` process runs: the gateway, then :func:`own_process`."""
     from proxy.gateway import create_app
 
     app = create_app()
-    tune_gc()
+    own_process()
     return app
 
 
@@ -151,17 +166,49 @@ def main(argv: Sequence[str] | None = None) -> None:
         "access_log": False,  # the gateway logs one line per request itself
         "timeout_graceful_shutdown": settings.graceful_timeout,
     }
-    if settings.demo:
-        if args.workers > 1:
-            print("error: --demo runs a single worker", file=sys.stderr)
-            sys.exit(2)
-        asyncio.run(serve_demo(settings, options))
-    elif args.workers > 1:
-        uvicorn.run("proxy.cli:worker_app", factory=True, workers=args.workers, **options)
-    else:
-        app = create_app(settings)
-        tune_gc()
-        uvicorn.run(app, **options)
+    if settings.demo and args.workers > 1:
+        print("error: --demo runs a single worker", file=sys.stderr)
+        sys.exit(2)
+    made_dir = setup_metrics_dir(settings, args.workers)
+    try:
+        if settings.demo:
+            asyncio.run(serve_demo(settings, options))
+        elif args.workers > 1:
+            uvicorn.run("proxy.cli:worker_app", factory=True, workers=args.workers, **options)
+        else:
+            app = create_app(settings)
+            own_process()
+            uvicorn.run(app, **options)
+    except ConfigError as exc:
+        print(f"error: invalid setting {exc}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if made_dir:
+            shutil.rmtree(made_dir, ignore_errors=True)
+
+
+def setup_metrics_dir(settings: Settings, workers: int) -> str | None:
+    """prometheus-client's multiprocess directory, so ``/metrics`` covers every worker.
+
+    With ``--workers N`` (N > 1) and metrics on, a fresh temporary directory is made
+    (returned, so the caller removes it at exit) unless ``PROMETHEUS_MULTIPROC_DIR``
+    names one; a named directory is emptied of a previous run's metric files.
+    """
+    from proxy.metrics import prepare_multiproc_dir
+    from proxy.metrics import resolve as resolve_metrics
+
+    if not resolve_metrics(settings)[0]:
+        return None
+    if settings.metrics_dir:
+        prepare_multiproc_dir(settings.metrics_dir)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = settings.metrics_dir  # e.g. from .env
+        return None
+    if workers == 1:
+        return None
+    path = tempfile.mkdtemp(prefix="vllm-wrapper-metrics-")
+    # Before uvicorn starts the workers: each reads it when it imports prometheus-client.
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    return path
 
 
 async def serve_demo(settings: Settings, options: dict) -> None:

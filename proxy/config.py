@@ -55,6 +55,10 @@ class Settings:
     graceful_timeout: float = 30.0
     demo: bool = False
     docs: bool = True
+    # metrics (proxy/metrics.py); None: not set here, so the config file's [metrics] or the default
+    metrics: bool | None = None
+    metrics_public: bool | None = None
+    metrics_dir: str = ""
 
     @classmethod
     def from_env(
@@ -99,7 +103,7 @@ class Settings:
         """Check cross-field rules that hold for settings built directly, too."""
         for var, (name, parse) in ENV_VARS.items():
             value = getattr(self, name)
-            if isinstance(value, tuple):
+            if isinstance(value, tuple) or value is None:
                 continue
             try:
                 parse(str(value))
@@ -266,4 +270,8 @@ ENV_VARS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "VLLM_WRAPPER_GRACEFUL_TIMEOUT": ("graceful_timeout", _float_range(0.0)),
     "VLLM_WRAPPER_DEMO": ("demo", _bool),
     "VLLM_WRAPPER_DOCS": ("docs", _bool),
+    "VLLM_WRAPPER_METRICS": ("metrics", _bool),
+    "VLLM_WRAPPER_METRICS_PUBLIC": ("metrics_public", _bool),
+    # prometheus-client's own variable: set, it puts the metrics in multiprocess mode
+    "PROMETHEUS_MULTIPROC_DIR": ("metrics_dir", str),
 }

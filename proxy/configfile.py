@@ -240,14 +240,31 @@ def _bounds(lo: float | None, hi: float | None, open_lo: bool = False) -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class MetricsSpec:
+    """``[metrics]``: ``enabled`` and ``public`` (None: not in the file)."""
+
+    enabled: bool | None = None
+    public: bool | None = None
+
+
+def parse_metrics(table: Table) -> MetricsSpec:
+    spec = MetricsSpec(enabled=table.bool("enabled", None), public=table.bool("public", None))
+    table.done()
+    return spec
+
+
+@dataclass(frozen=True, slots=True)
 class FileConfig:
     """Everything the configuration file says, checked. Built by :func:`load`."""
 
     path: str = ""
+    metrics: MetricsSpec = MetricsSpec()
 
 
 SectionParser = Callable[[Any], Any]
-SECTIONS: dict[str, tuple[str, SectionParser, str]] = {}
+SECTIONS: dict[str, tuple[str, SectionParser, str]] = {
+    "metrics": ("metrics", parse_metrics, "table"),
+}
 
 
 def parse(data: Mapping[str, Any], *, file: str, environ: Mapping[str, str]) -> FileConfig:

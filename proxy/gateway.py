@@ -1,7 +1,7 @@
 """``create_app()``: routes, middleware order, lifespan.
 
 Middleware, outermost first: in-flight count (the lifespan shutdown waits for
-it) → access log (request id, one line per request) → CORS (only when
+it) → access log (request id, one line per request) → metrics (when on) → CORS (only when
 ``VLLM_WRAPPER_CORS_ORIGINS`` is set) → bearer auth → :class:`V1Lane` → routes. All
 are pure ASGI, so streamed bodies pass through untouched. ``/v1/*``, the hot path,
 goes from the lane straight to the passthrough app; everything else through
@@ -13,9 +13,10 @@ no lifespan events of its own; the host runs them with :func:`lifespan`.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Container
 from contextlib import AbstractAsyncContextManager
 
 from starlette.applications import Starlette
@@ -36,6 +37,14 @@ from proxy.errors import error_body
 from proxy.exposure import Exposure
 from proxy.health import Health, Models
 from proxy.inflight import InFlight, InFlightMiddleware
+from proxy.metrics import (
+    Metrics,
+    MetricsEndpoint,
+    MetricsMiddleware,
+    NoMetrics,
+    UpstreamModels,
+)
+from proxy.metrics import resolve as resolve_metrics
 from proxy.passthrough import Passthrough, Relay
 from proxy.retry import RetryPolicy
 from proxy.upstream import Upstream
@@ -109,11 +118,27 @@ def lifespan(gateway: Starlette) -> AbstractAsyncContextManager[None]:
     return gateway.router.lifespan_context(gateway)
 
 
-def create_app(settings: Settings | None = None) -> Starlette:
-    """Build the gateway from ``settings`` (default: from the environment and ``.env``)."""
+def create_app(
+    settings: Settings | None = None, *, served_models: Container[str] | None = None
+) -> Starlette:
+    """Build the gateway from ``settings`` (default: from the environment and ``.env``).
+
+    ``served_models``: the model names the metrics may show as ``model`` labels (default:
+    ``VLLM_MODEL`` and what the upstream's ``/models`` lists, refreshed in the background).
+    """
     if settings is None:
         settings = Settings.from_env()
-    upstream = Upstream(settings)
+    metrics_on, metrics_public = resolve_metrics(settings)
+    metrics: Metrics | NoMetrics = NoMetrics()
+    discovered: UpstreamModels | None = None
+    if metrics_on:
+        metrics = Metrics(frozenset({settings.model}), multiproc_dir=settings.metrics_dir)
+        upstream = Upstream(settings, observe=metrics.upstream_request)
+        if served_models is None:
+            discovered = UpstreamModels(upstream, settings.model, on_health=metrics.upstream_health)
+        metrics.served = served_models if served_models is not None else discovered
+    else:
+        upstream = Upstream(settings)
     relay = Relay(upstream, RetryPolicy.from_settings(settings), settings)
     exposure = Exposure(
         settings.extra_paths, proxy_all=settings.proxy_all, allow_admin=settings.allow_admin
@@ -138,12 +163,18 @@ def create_app(settings: Settings | None = None) -> Starlette:
         # The docs describe the API without calling it; a browser cannot send a bearer
         # header to open a page, so they are public (README, "API docs").
         public += PUBLIC_PATHS
+    if isinstance(metrics, Metrics):
+        routes.append(Route("/metrics", MetricsEndpoint(metrics)))
+        if metrics_public:
+            public.append("/metrics")
 
     inflight = InFlight()
     middleware = [
         Middleware(InFlightMiddleware, tracker=inflight),
         Middleware(AccessLogMiddleware, enabled=settings.access_log),
     ]
+    if isinstance(metrics, Metrics):
+        middleware.append(Middleware(MetricsMiddleware, metrics=metrics))
     if settings.cors_origins:
         middleware.append(
             Middleware(
@@ -162,9 +193,18 @@ def create_app(settings: Settings | None = None) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with upstream:
-            yield
-            # Requests the server has not finished (or has just cancelled) end first.
-            await inflight.wait_idle(settings.graceful_timeout)
+            refresher = None
+            if discovered is not None:
+                await discovered.refresh()  # bounded by VLLM_WRAPPER_HEALTH_TIMEOUT
+                refresher = asyncio.create_task(discovered.run())
+            try:
+                yield
+                # Requests the server has not finished (or has just cancelled) end first.
+                await inflight.wait_idle(settings.graceful_timeout)
+            finally:
+                if refresher is not None:
+                    refresher.cancel()
+                    await asyncio.gather(refresher, return_exceptions=True)
 
     app = Starlette(
         routes=routes,

@@ -13,11 +13,12 @@ lifespan events to mounted apps). It needs an asyncio event loop.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from types import TracebackType
 
 import aiohttp
+import orjson
 from yarl import URL
 
 from proxy.config import Settings
@@ -64,6 +65,19 @@ def mapped_errors(phase: str) -> Iterator[None]:
         raise UpstreamError(f"upstream error during {phase}: {exc}") from exc
 
 
+def attempt_outcome(status: int | None, error: UpstreamError | None = None) -> str:
+    """One attempt's result as a metrics label: ``2xx``..``5xx``, or what failed."""
+    if error is None:
+        return f"{(status or 0) // 100}xx"
+    if isinstance(error, PoolExhausted):
+        return "pool_exhausted"
+    if isinstance(error, UpstreamTimeout):
+        return "timeout"
+    if isinstance(error, UpstreamProtocolError):
+        return "protocol_error"
+    return "connection_error"
+
+
 class PoolFull(Exception):
     """No pooled connection came free within the timeout."""
 
@@ -105,8 +119,13 @@ class UpstreamResponse:
 class Upstream:
     """Owns the pooled client for one upstream base URL."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self, settings: Settings, *, observe: Callable[[str, str], None] | None = None
+    ) -> None:
         self.base_url = settings.base_url.rstrip("/")
+        # Each attempt's (upstream without credentials, outcome), e.g. for metrics.
+        self.label = settings.public_base_url
+        self._observe = observe
         self._api_key = settings.api_key
         t = settings.timeout
         # sock_read is the idle time between two reads (also waiting for the headers),
@@ -185,34 +204,61 @@ class Upstream:
     ) -> UpstreamResponse:
         """Send one request; return once the response headers are in. Body not yet read."""
         str_headers = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in headers]
-        with mapped_errors("request"):
-            try:
-                response = await self.client.request(
-                    method,
-                    URL(url, encoded=True),  # the relay quoted the path already
-                    headers=str_headers,
-                    data=body or None,
-                    allow_redirects=False,
-                )
-            except aiohttp.ConnectionTimeoutError:
-                if self._pool_full():
-                    raise PoolFull from None
-                raise
+        try:
+            with mapped_errors("request"):
+                try:
+                    response = await self.client.request(
+                        method,
+                        URL(url, encoded=True),  # the relay quoted the path already
+                        headers=str_headers,
+                        data=body or None,
+                        allow_redirects=False,
+                    )
+                except aiohttp.ConnectionTimeoutError:
+                    if self._pool_full():
+                        raise PoolFull from None
+                    raise
+        except UpstreamError as exc:
+            if self._observe is not None:
+                self._observe(self.label, attempt_outcome(None, exc))
+            raise
+        if self._observe is not None:
+            self._observe(self.label, attempt_outcome(response.status))
         return UpstreamResponse(response)
+
+    @asynccontextmanager
+    async def _get_models(self) -> AsyncIterator[aiohttp.ClientResponse]:
+        headers = {"authorization": "Bearer " + self._api_key} if self._api_key else {}
+        async with self.client.get(
+            URL(self.url("/models"), encoded=True),
+            headers=headers,
+            timeout=self._probe_timeout,
+            allow_redirects=False,
+        ) as response:
+            yield response
 
     async def probe(self) -> tuple[bool, str]:
         """Quick availability check: ``GET {base}/models`` with the short health timeout."""
-        headers = {"authorization": "Bearer " + self._api_key} if self._api_key else {}
         try:
-            async with self.client.get(
-                URL(self.url("/models"), encoded=True),
-                headers=headers,
-                timeout=self._probe_timeout,
-                allow_redirects=False,
-            ) as response:
+            async with self._get_models() as response:
                 status = response.status
         except (TimeoutError, aiohttp.ClientError) as exc:
             return False, f"{type(exc).__name__}: {exc}".rstrip(": ")
         if status == 200:
             return True, "ok"
         return False, f"upstream answered {status}"
+
+    async def model_ids(self) -> list[str] | None:
+        """The model ids the upstream's ``/models`` lists (short health timeout); None when
+        it does not answer 200 with a model list."""
+        try:
+            async with self._get_models() as response:
+                if response.status != 200:
+                    return None
+                body = await response.read()
+            data = orjson.loads(body)["data"]
+            return [m["id"] for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)]
+        except (TimeoutError, aiohttp.ClientError):
+            return None
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            return None
