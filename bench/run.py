@@ -308,11 +308,12 @@ def targets(results: dict) -> list[str]:
     return out
 
 
-def write_results(section: str) -> None:
+def write_results(section: str, begin: str = BEGIN, end: str = END) -> None:
+    """Put ``section`` between the ``begin`` / ``end`` markers of RESULTS.md (or append it)."""
     text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + section + rest.split(END, 1)[1]
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + section + rest.split(end, 1)[1]
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
     RESULTS.write_text(text)

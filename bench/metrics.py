@@ -1,0 +1,253 @@
+"""What the metrics cost: gateway CPU per request and per stream, metrics on against off.
+
+``python -m bench.metrics`` (about 3 minutes) starts the simulated vLLM and two gateways
+side by side, ``VLLM_WRAPPER_METRICS=true`` and ``=false`` (1 worker; then both with
+``--workers 2``, where metrics use prometheus-client's multiprocess files), drives the
+same load through each in turn (the order alternates per repetition), and reads the
+gateways' CPU time from ``/proc``. It then times ``/metrics`` scrapes with many series,
+in one process and in multiprocess mode. The figures replace the section between the
+``metrics:begin`` / ``metrics:end`` markers of ``bench/RESULTS.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench import procs
+from bench.run import write_results
+
+BEGIN, END = "<!-- metrics:begin -->", "<!-- metrics:end -->"
+BODY = json.dumps(
+    {"model": "tiny-llama", "prompt": "Say something long.", "max_tokens": 4096}
+).encode()
+
+
+async def _one_connection(host: str, port: int, deadline: float, counts: list[int]) -> None:
+    reader, writer = await asyncio.open_connection(host, port)
+    head = (
+        f"POST /v1/completions HTTP/1.1\r\nhost: {host}\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(BODY)}\r\nx-sim-tokens: 128\r\n\r\n"
+    ).encode()
+    try:
+        while time.monotonic() < deadline:
+            writer.write(head + BODY)
+            raw = await reader.readuntil(b"\r\n\r\n")
+            status = int(raw.split(b" ", 2)[1])
+            length = 0
+            for line in raw.split(b"\r\n"):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":", 1)[1])
+            await reader.readexactly(length)
+            counts[0 if status == 200 else 1] += 1
+    finally:
+        writer.close()
+
+
+async def _unary_load(url: str, concurrency: int, duration: float) -> dict:
+    host, port = url.removeprefix("http://").split(":")
+    counts = [0, 0]
+    deadline = time.monotonic() + duration
+    await asyncio.gather(
+        *(_one_connection(host, int(port), deadline, counts) for _ in range(concurrency))
+    )
+    return {"requests": counts[0], "errors": counts[1]}
+
+
+def unary(url: str, concurrency: int, duration: float) -> dict:
+    return asyncio.run(_unary_load(url, concurrency, duration))
+
+
+def streams(url: str, concurrency: int, duration: float) -> dict:
+    args = [sys.executable, "-m", "bench.streams", url, "--concurrency", str(concurrency)]
+    args += ["--duration", str(duration), "--tokens", "128"]
+    out = subprocess.run(args, capture_output=True, text=True, check=True, cwd=procs.ROOT)
+    r = json.loads(out.stdout)
+    errors = r.get("errors", 0)
+    return {
+        "requests": r["streams"],
+        "errors": sum(errors.values()) if isinstance(errors, dict) else errors,
+    }
+
+
+def gateway(upstream: str, workers: int, metrics: bool) -> procs.Server:
+    port = procs.free_port()
+    env = {
+        "VLLM_BASE_URL": upstream + "/v1",
+        "VLLM_WRAPPER_API_KEY": "",
+        "VLLM_WRAPPER_ACCESS_LOG": "false",
+        "VLLM_WRAPPER_LOG_LEVEL": "warning",
+        "VLLM_WRAPPER_METRICS": "true" if metrics else "false",
+    }
+    args = [sys.executable, "-m", "proxy", "--host", "127.0.0.1", "--port", str(port)]
+    args += ["--env-file", "", "--workers", str(workers)]
+    name = f"gateway-w{workers}-{'on' if metrics else 'off'}"
+    return procs.Server(name, args, port, env)
+
+
+def measure(server: procs.Server, load, concurrency: int, duration: float) -> dict:
+    pids = server.pids()
+    cpu0 = procs.cpu_seconds(pids)
+    r = load(server.url, concurrency, duration)
+    cpu = procs.cpu_seconds(pids) - cpu0
+    r["cpu_ms"] = cpu * 1000 / max(1, r["requests"])
+    return r
+
+
+SCRAPE_CODE = """
+import json, os, sys, time
+from prometheus_client import disable_created_metrics
+disable_created_metrics()  # as python -m proxy does
+from proxy.accesslog import RequestInfo
+from proxy.metrics import Metrics
+models = [f"model-{i}" for i in range(int(sys.argv[1]))]
+keys = [f"team-{i}" for i in range(int(sys.argv[2]))]
+m = Metrics(set(models), multiproc_dir=os.environ.get("PROMETHEUS_MULTIPROC_DIR", ""))
+for route in ("/v1/chat/completions", "/v1/completions", "/chat"):
+    for model in models:
+        for key in keys:
+            for status in (200, 400, 429, 503):
+                info = RequestInfo(b"x")
+                info.model, info.key_name = model, key
+                info.set_usage({"prompt_tokens": 10, "completion_tokens": 20})
+                t = info.started
+                m.observe(info, route, "POST", status=status, headers_at=t + 0.001,
+                          first_byte_at=t + 0.01, complete=True, stream=status == 200, end=t + 1)
+times = []
+for _ in range(15):
+    t0 = time.perf_counter()
+    body, _ = m.scrape()
+    times.append(time.perf_counter() - t0)
+series = sum(1 for line in body.splitlines() if line and not line.startswith(b"#"))
+times.sort()
+print(json.dumps({"series": series, "bytes": len(body), "median_ms": times[7] * 1000}))
+"""
+
+
+def scrape_cost(models: int, keys: int, multiproc: bool) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    with tempfile.TemporaryDirectory(prefix="bench-prom-") as d:
+        if multiproc:
+            env["PROMETHEUS_MULTIPROC_DIR"] = d
+        out = subprocess.run(
+            [sys.executable, "-c", SCRAPE_CODE, str(models), str(keys)],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=procs.ROOT,
+            env=env,
+        )
+    return json.loads(out.stdout)
+
+
+def machine() -> str:
+    lines = Path("/proc/cpuinfo").read_text().splitlines()
+    cpu = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "?")
+    return f"{os.cpu_count()} CPUs ({cpu}), Python {platform.python_version()}"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.metrics")
+    p.add_argument("--duration", type=float, default=6.0)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--no-write", action="store_true", help="print only")
+    args = p.parse_args()
+    load0 = os.getloadavg()[0]
+    sim = procs.sim(128).start("/health")
+    rows = []
+    try:
+        for workers, loads in ((1, ("unary", "stream")), (2, ("unary",))):
+            on = gateway(sim.url, workers, True).start("/health", workers)
+            off = gateway(sim.url, workers, False).start("/health", workers)
+            try:
+                for kind in loads:
+                    load = unary if kind == "unary" else streams
+                    got: dict[str, list[dict]] = {"on": [], "off": []}
+                    for rep in range(args.repeat):
+                        order = [("on", on), ("off", off)]
+                        if rep % 2:
+                            order.reverse()
+                        for name, server in order:
+                            got[name].append(measure(server, load, args.concurrency, args.duration))
+                    rows.append((workers, kind, got))
+                    print(workers, kind, json.dumps(got), flush=True)
+            finally:
+                on.stop()
+                off.stop()
+    finally:
+        sim.stop()
+    scrapes = [
+        (models, keys, mp, scrape_cost(models, keys, mp))
+        for models, keys in ((5, 5), (20, 20))
+        for mp in (False, True)
+    ]
+    for s in scrapes:
+        print(json.dumps(s), flush=True)
+    section = render(rows, scrapes, args, load0, os.getloadavg()[0])
+    if args.no_write:
+        print(section)
+        return
+    write_results(section, BEGIN, END)
+
+
+def render(rows: list, scrapes: list, args: argparse.Namespace, load0: float, load1: float) -> str:
+    out = [
+        BEGIN,
+        "## Metrics on against off",
+        "",
+        f"`python -m bench.metrics` (written by it; {args.repeat} repetitions of "
+        f"{args.duration:g} s per path, concurrency {args.concurrency}, on and off alternating; "
+        f"load average {load0:.2f} before / {load1:.2f} after). Machine: {machine()}.",
+        "Gateway CPU (utime+stime of its processes from `/proc`) per request: "
+        "non-streaming `/v1/completions` answers of 128 tokens, and 128-token streams "
+        "(`bench.streams`, no delay). Median of the repetitions; each repetition's figure "
+        "in brackets.",
+        "",
+        "| workers | load | metrics off: CPU ms/req | metrics on: CPU ms/req | on vs off | "
+        "requests (off / on) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for workers, kind, got in rows:
+        off = [r["cpu_ms"] for r in got["off"]]
+        on = [r["cpu_ms"] for r in got["on"]]
+        m_off, m_on = statistics.median(off), statistics.median(on)
+        n_off = sum(r["requests"] for r in got["off"])
+        n_on = sum(r["requests"] for r in got["on"])
+        errors = sum(r["errors"] for r in got["off"] + got["on"])
+        out.append(
+            f"| {workers} | {'128-token streams' if kind == 'stream' else 'non-streaming'} | "
+            f"{m_off:.3f} ({', '.join(f'{v:.3f}' for v in off)}) | "
+            f"{m_on:.3f} ({', '.join(f'{v:.3f}' for v in on)}) | "
+            f"{(m_on / m_off - 1) * 100:+.1f} % | {n_off} / {n_on}"
+            f"{f' ({errors} errors)' if errors else ''} |"
+        )
+    out += [
+        "",
+        "Cost of one scrape (`Metrics.scrape()`, the work behind `GET /metrics`, median of 15) "
+        "after traffic on 3 routes × M models × K keys × 4 statuses, in one process and in "
+        "multiprocess mode (one process's files):",
+        "",
+        "| models × keys | mode | series | bytes | ms per scrape |",
+        "|---|---|---|---|---|",
+    ]
+    for models, keys, mp, s in scrapes:
+        out.append(
+            f"| {models} × {keys} | {'multiprocess' if mp else 'one process'} | {s['series']} | "
+            f"{s['bytes']} | {s['median_ms']:.1f} |"
+        )
+    out.append(END)
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    main()
