@@ -120,8 +120,11 @@ for route in ("/v1/chat/completions", "/v1/completions", "/chat"):
                 info.model, info.key_name = model, key
                 info.set_usage({"prompt_tokens": 10, "completion_tokens": 20})
                 t = info.started
-                m.observe(info, route, "POST", status=status, headers_at=t + 0.001,
-                          first_byte_at=t + 0.01, complete=True, stream=status == 200, end=t + 1)
+                info.status, info.headers_at, info.first_byte_at = status, t + 0.001, t + 0.01
+                info.complete = True
+                ctype = b"text/event-stream" if status == 200 else b"application/json"
+                info.response_headers = [(b"content-type", ctype)]
+                m.observe(info, route, "POST", t + 1)
 times = []
 for _ in range(15):
     t0 = time.perf_counter()

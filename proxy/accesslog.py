@@ -30,6 +30,9 @@ _UNPARSED: Any = object()
 class RequestInfo:
     """What the stages learn about one request, for its log line and its metrics.
 
+    The response's ``status``, ``headers_at``, ``first_byte_at`` (``perf_counter``
+    times), ``response_headers`` and ``complete`` (its last body message went out) are
+    recorded by :class:`AccessLogMiddleware`, which sees every message anyway.
     Filled as the request goes: ``key_name`` by auth (``invalid`` for a refused key),
     ``model`` by the stage that reads the request's model, ``body`` by the relay once
     read, the token counts by whoever reads the answer's usage, ``disconnected_at``
@@ -42,15 +45,20 @@ class RequestInfo:
         "_json",
         "attempts",
         "body",
+        "complete",
         "completion_tokens",
         "disconnected_at",
+        "first_byte_at",
+        "headers_at",
         "key_name",
         "model",
         "note",
         "outcome",
         "prompt_tokens",
         "request_id",
+        "response_headers",
         "started",
+        "status",
         "upstream_ms",
     )
 
@@ -68,6 +76,11 @@ class RequestInfo:
         self.completion_tokens = 0
         self.disconnected_at: float | None = None
         self.outcome: str | None = None
+        self.status = 0
+        self.headers_at: float | None = None
+        self.first_byte_at: float | None = None
+        self.response_headers: list[tuple[bytes, bytes]] = []
+        self.complete = False
 
     def set_usage(self, usage: Any) -> None:
         """Record an OpenAI ``usage`` object's prompt and completion token counts."""
@@ -131,13 +144,20 @@ class AccessLogMiddleware:
         async def send_wrapper(message: Message) -> None:
             nonlocal status, sent
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status = info.status = message["status"]
+                info.headers_at = time.perf_counter()
                 headers = message.setdefault("headers", [])
                 if not isinstance(headers, list):
                     headers = message["headers"] = list(headers)
                 headers.append((REQUEST_ID, rid))
+                info.response_headers = headers
             elif message["type"] == "http.response.body":
-                sent += len(message.get("body", b""))
+                chunk = message.get("body", b"")
+                if chunk and not sent:
+                    info.first_byte_at = time.perf_counter()
+                sent += len(chunk)
+                if not message.get("more_body", False):
+                    info.complete = True
             await send(message)
 
         try:

@@ -52,7 +52,7 @@ from prometheus_client import (
 from prometheus_client.exposition import choose_encoder
 
 from proxy.accesslog import RequestInfo, request_info
-from proxy.asgi import ASGIApp, Message, Receive, Scope, Send, route_path
+from proxy.asgi import ASGIApp, Receive, Scope, Send, route_path
 from proxy.config import ConfigError, Settings
 from proxy.errors import Forbidden, MethodNotAllowed
 
@@ -354,40 +354,29 @@ class Metrics(NoMetrics):
 
     # ---- one request -------------------------------------------------------------------------
 
-    def observe(
-        self,
-        info: RequestInfo,
-        route: str,
-        method: str,
-        *,
-        status: int,
-        headers_at: float | None,
-        first_byte_at: float | None,
-        complete: bool,
-        stream: bool,
-        end: float,
-    ) -> None:
-        """Record one finished request (called once, by :class:`MetricsMiddleware`)."""
+    def observe(self, info: RequestInfo, route: str, method: str, end: float) -> None:
+        """Record one finished request (called once, by :class:`MetricsMiddleware`), from
+        what its :class:`RequestInfo` says."""
         model = self.model_label(info, method)
         key = self._key(info.key_name)
+        complete = info.complete
         disconnected = info.disconnected_at is not None and not complete
-        if not status:
-            status = 499 if disconnected else 0
+        status = info.status or (499 if disconnected else 0)
         self.requests.child(
             route, method if method in METHODS else "other", str(status), model, key
         ).inc()
         started = info.started
         self.duration.child(route, model).observe(end - started)
-        if first_byte_at is not None:
-            self.ttfb.child(route, model).observe(first_byte_at - started)
-        if headers_at is not None and info.upstream_ms is not None:
-            own = headers_at - started - info.upstream_ms / 1000
+        if info.first_byte_at is not None:
+            self.ttfb.child(route, model).observe(info.first_byte_at - started)
+        if info.headers_at is not None and info.upstream_ms is not None:
+            own = info.headers_at - started - info.upstream_ms / 1000
             self.overhead.child(route).observe(max(own, 0.0))
         if disconnected:
             self.client_disconnects.child(route).inc()
             assert info.disconnected_at is not None
             self.abort_latency.child(route).observe(max(end - info.disconnected_at, 0.0))
-        if stream:
+        if _is_stream(info.response_headers):
             outcome = info.outcome or (
                 "completed"
                 if complete
@@ -414,12 +403,20 @@ class Metrics(NoMetrics):
         return encoder(registry), content_type
 
 
-class MetricsMiddleware:
-    """Times every HTTP request and records it in :class:`Metrics` when it ends.
+def _is_stream(headers: Iterable[tuple[bytes, bytes]]) -> bool:
+    for name, value in headers:
+        if name == b"content-type":
+            return value.startswith(b"text/event-stream")
+    return False
 
-    Sits inside the access log (which creates the request's :class:`RequestInfo`) and
-    outside auth (so refused keys are counted). Only ``http.response.start`` is looked
-    at; body messages pass through unbuffered, with one check each for the first byte.
+
+class MetricsMiddleware:
+    """Counts requests in flight and records each one in :class:`Metrics` when it ends.
+
+    Sits inside the access log, whose send wrapper records on the request's
+    :class:`RequestInfo` the status and the times of the headers and first body byte,
+    and outside auth (so refused keys are counted). It wraps no ``send`` of its own:
+    nothing is added per body chunk.
     """
 
     def __init__(self, app: ASGIApp, *, metrics: Metrics) -> None:
@@ -430,48 +427,15 @@ class MetricsMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        metrics = self.metrics
         route = route_of(route_path(scope))
-        info = request_info(scope)
-        inflight = metrics.inflight.child(route)
+        inflight = self.metrics.inflight.child(route)
         inflight.inc()
-        status = 0
-        headers_at: float | None = None
-        first_byte_at: float | None = None
-        complete = False
-        stream = False
-
-        async def send_wrapper(message: Message) -> None:
-            nonlocal status, headers_at, first_byte_at, complete, stream
-            if message["type"] == "http.response.body":
-                if first_byte_at is None and message.get("body"):
-                    first_byte_at = time.perf_counter()
-                if not message.get("more_body", False):
-                    complete = True
-            elif message["type"] == "http.response.start":
-                headers_at = time.perf_counter()
-                status = message["status"]
-                for name, value in message.get("headers", ()):
-                    if name.lower() == b"content-type":
-                        stream = value.startswith(b"text/event-stream")
-                        break
-            await send(message)
-
         try:
-            await self.app(scope, receive, send_wrapper)
+            await self.app(scope, receive, send)
         finally:
             inflight.dec()
-            metrics.observe(
-                info,
-                route,
-                scope["method"],
-                status=status,
-                headers_at=headers_at,
-                first_byte_at=first_byte_at,
-                complete=complete,
-                stream=stream,
-                end=time.perf_counter(),
-            )
+            end = time.perf_counter()
+            self.metrics.observe(request_info(scope), route, scope["method"], end)
 
 
 class MetricsEndpoint:

@@ -60,18 +60,26 @@ def _request(model: str | None = None, key: str | None = None, body: bytes = b""
     return info
 
 
-def _observe(m: Metrics, info: RequestInfo, method: str = "POST", **kw: object) -> None:
-    end = info.started + 0.5
-    args: dict = {
-        "status": 200,
-        "headers_at": info.started + 0.1,
-        "first_byte_at": info.started + 0.2,
-        "complete": True,
-        "stream": False,
-        "end": end,
-        **kw,
-    }
-    m.observe(info, "/v1/chat/completions", method, **args)
+def _observe(
+    m: Metrics,
+    info: RequestInfo,
+    method: str = "POST",
+    *,
+    status: int = 200,
+    headers_at: float | None = 0.1,
+    first_byte_at: float | None = 0.2,
+    complete: bool = True,
+    stream: bool = False,
+) -> None:
+    """What the access log records as the response goes out (times after arrival)."""
+    t = info.started
+    info.status = status
+    info.headers_at = None if headers_at is None else t + headers_at
+    info.first_byte_at = None if first_byte_at is None else t + first_byte_at
+    info.complete = complete
+    ctype = b"text/event-stream" if stream else b"application/json"
+    info.response_headers = [(b"content-type", ctype)] if status else []
+    m.observe(info, "/v1/chat/completions", method, t + 0.5)
 
 
 def _scrape(m: Metrics) -> Scrape:
