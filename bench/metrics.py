@@ -239,19 +239,21 @@ def main() -> None:
     sim = procs.sim(128).start("/health")
     rows = []
     try:
-        for workers, loads in ((1, ("unary", "stream")), (2, ("unary",))):
+        plan = ((1, ("unary-c1", "unary", "stream")), (2, ("unary",)))
+        for workers, loads in plan:
             on = gateway(sim.url, workers, True).start("/health", workers)
             off = gateway(sim.url, workers, False).start("/health", workers)
             try:
                 for kind in loads:
-                    load = unary if kind == "unary" else streams
+                    load = streams if kind == "stream" else unary
+                    concurrency = 1 if kind.endswith("-c1") else args.concurrency
                     got: dict[str, list[dict]] = {"on": [], "off": []}
                     for rep in range(args.repeat):
                         order = [("on", on), ("off", off)]
                         if rep % 2:
                             order.reverse()
                         for name, server in order:
-                            got[name].append(measure(server, load, args.concurrency, args.duration))
+                            got[name].append(measure(server, load, concurrency, args.duration))
                     rows.append((workers, kind, got))
                     print(workers, kind, json.dumps(got), flush=True)
             finally:
@@ -275,6 +277,13 @@ def main() -> None:
     write_results(section, BEGIN, END)
 
 
+LOADS = {
+    "unary-c1": "non-streaming, concurrency 1",
+    "unary": "non-streaming",
+    "stream": "128-token streams",
+}
+
+
 def render(
     rows: list, scrapes: list, stubs: list, args: argparse.Namespace, load0: float, load1: float
 ) -> str:
@@ -283,7 +292,8 @@ def render(
         "## Metrics on against off",
         "",
         f"`python -m bench.metrics` (written by it; {args.repeat} repetitions of "
-        f"{args.duration:g} s per path, concurrency {args.concurrency}, on and off alternating; "
+        f"{args.duration:g} s per path, concurrency {args.concurrency} unless said, on and off "
+        "alternating; "
         f"load average {load0:.2f} before / {load1:.2f} after). Machine: {machine()}.",
         "Gateway CPU (utime+stime of its processes from `/proc`) per request: "
         "non-streaming `/v1/completions` answers of 128 tokens, and 128-token streams "
@@ -302,7 +312,7 @@ def render(
         n_on = sum(r["requests"] for r in got["on"])
         errors = sum(r["errors"] for r in got["off"] + got["on"])
         out.append(
-            f"| {workers} | {'128-token streams' if kind == 'stream' else 'non-streaming'} | "
+            f"| {workers} | {LOADS[kind]} | "
             f"{m_off:.3f} ({', '.join(f'{v:.3f}' for v in off)}) | "
             f"{m_on:.3f} ({', '.join(f'{v:.3f}' for v in on)}) | "
             f"{(m_on / m_off - 1) * 100:+.1f} % | {n_off} / {n_on}"

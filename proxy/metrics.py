@@ -13,12 +13,13 @@ the gateway's series sit beside vLLM's own. Labels are bounded whatever clients 
   without credentials; ``status``: the status sent (``499`` when the client left
   before any was, ``0`` when none was sent for another reason).
 
-:class:`MetricsMiddleware` (pure ASGI) times each request: arrival → first body byte
-(TTFB), → end (duration), the gateway's own time up to the response headers minus
-the upstream's (overhead, as ``Server-Timing``), a client disconnect → the upstream
-request closed (abort latency), and a stream's outcome. It reads what the other
-stages wrote on the request's :class:`~proxy.accesslog.RequestInfo` (key, model,
-tokens, disconnect) once, when the request ends. The other stages report their
+:class:`MetricsMiddleware` (pure ASGI) records each request once, when it ends, from
+its :class:`~proxy.accesslog.RequestInfo`: arrival → first body byte (TTFB), → end
+(duration), the gateway's own time up to the response headers minus the upstream's
+(overhead, as ``Server-Timing``), a client disconnect → the upstream request closed
+(abort latency), a stream's outcome, and what the other stages wrote there (key name,
+model, token usage). The access log's send wrapper records the response's times, so
+metrics add nothing per body chunk. The other stages report their
 events with one call each: :meth:`Metrics.rate_limited`, :meth:`Metrics.upstream_request`,
 :meth:`Metrics.upstream_health`, :meth:`Metrics.cache`. With metrics off they are
 handed a :class:`NoMetrics`, whose methods do nothing, and no middleware is installed.
@@ -37,7 +38,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Container, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from prometheus_client import (
@@ -55,6 +56,9 @@ from proxy.accesslog import RequestInfo, request_info
 from proxy.asgi import ASGIApp, Receive, Scope, Send, route_path
 from proxy.config import ConfigError, Settings
 from proxy.errors import Forbidden, MethodNotAllowed
+
+if TYPE_CHECKING:
+    from proxy.upstream import Upstream
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +162,8 @@ def reap_dead_processes(path: str) -> list[int]:
             dead.add(int(pid_text))
     for pid in dead:
         multiprocess.mark_process_dead(pid, path)
+    if dead:
+        log.info("metrics: dropped the in-flight gauges of exited worker(s) %s", sorted(dead))
     return sorted(dead)
 
 
@@ -483,7 +489,7 @@ class UpstreamModels:
 
     def __init__(
         self,
-        upstream: Any,
+        upstream: Upstream,
         default_model: str,
         *,
         on_health: Callable[[str, bool], None] | None = None,
