@@ -189,14 +189,15 @@ asyncio.run(main())
 """
 
 
-def stub_cost(multiproc: bool) -> dict:
-    """CPU µs per request of the access log alone and with metrics, on a stub app."""
+def run_code(code: str, *args: str, multiproc: bool) -> dict:
+    """Run ``code`` in a fresh interpreter (in multiprocess mode: with its own metrics
+    directory) and return the JSON it prints."""
     env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
     with tempfile.TemporaryDirectory(prefix="bench-prom-") as d:
         if multiproc:
             env["PROMETHEUS_MULTIPROC_DIR"] = d
         out = subprocess.run(
-            [sys.executable, "-c", STUB_CODE],
+            [sys.executable, "-c", code, *args],
             capture_output=True,
             text=True,
             check=True,
@@ -204,22 +205,15 @@ def stub_cost(multiproc: bool) -> dict:
             env=env,
         )
     return json.loads(out.stdout)
+
+
+def stub_cost(multiproc: bool) -> dict:
+    """CPU µs per request of the access log alone and with metrics, on a stub app."""
+    return run_code(STUB_CODE, multiproc=multiproc)
 
 
 def scrape_cost(models: int, keys: int, multiproc: bool) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
-    with tempfile.TemporaryDirectory(prefix="bench-prom-") as d:
-        if multiproc:
-            env["PROMETHEUS_MULTIPROC_DIR"] = d
-        out = subprocess.run(
-            [sys.executable, "-c", SCRAPE_CODE, str(models), str(keys)],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=procs.ROOT,
-            env=env,
-        )
-    return json.loads(out.stdout)
+    return run_code(SCRAPE_CODE, str(models), str(keys), multiproc=multiproc)
 
 
 def machine() -> str:
