@@ -54,8 +54,10 @@ class BearerAuthMiddleware:
             await self.app(scope, receive, send)
             return
         found = self._check(scope["headers"])
+        info = request_info(scope)
         if isinstance(found, Key):
-            request_info(scope).key = found
+            info.key = found
+            info.key_name = found.name  # logs and metrics name the key, never show it
             await self.app(scope, receive, send)
             return
         if scope["type"] == "websocket":
@@ -65,6 +67,7 @@ class BearerAuthMiddleware:
                 return
             await deny_websocket(scope, send, Unauthorized(found), _CHALLENGE)
             return
+        info.key_name = "invalid"
         await Unauthorized(found).send(send, _CHALLENGE)
 
     def _check(self, headers: list[tuple[bytes, bytes]]) -> Key | str:

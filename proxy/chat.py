@@ -312,6 +312,7 @@ class ChatCore:
         corrected to the real usage when the turn ends, however it ends.
         """
         relay = self.relay
+        info.model = turn.model
         request = orjson.dumps(turn.payload)
         ticket = None
         if info.key is not None and info.key.policy:
@@ -416,6 +417,7 @@ async def _stream_events(
             )
     except UpstreamError as exc:
         info.note = f"stream-error:{exc.code}"
+        info.outcome = "upstream_cut"
         log.warning("upstream failed mid-stream: %s (id=%s)", exc.message, info.id_text)
         yield Failed.of(exc)
         return

@@ -9,9 +9,11 @@ import gc
 import logging
 import logging.config
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from types import FrameType
 from typing import TYPE_CHECKING
@@ -57,13 +59,26 @@ def tune_gc() -> None:
     gc.set_threshold(GC_THRESHOLD, *gc.get_threshold()[1:])
 
 
+def own_process() -> None:
+    """Process-wide defaults for a process ``python -m proxy`` owns (not a host app's).
+
+    :func:`tune_gc`, and no ``*_created`` series beside each counter and histogram
+    (prometheus-client's default doubles the series count; Prometheus users rarely
+    want them, and multiprocess mode has none).
+    """
+    from prometheus_client import disable_created_metrics
+
+    tune_gc()
+    disable_created_metrics()
+
+
 def worker_app() -> Starlette:
-    """The app factory each ``--workers`` process runs: the gateway, then :func:`tune_gc`."""
+    """The app factory each ``--workers`` process runs: the gateway, then :func:`own_process`."""
     from proxy.gateway import create_app
     from proxy.reload import signal_parent
 
     app = create_app(reload_fan_out=signal_parent)
-    tune_gc()
+    own_process()
     return app
 
 
@@ -268,7 +283,6 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(f"error: invalid configuration file: {exc}", file=sys.stderr)
             sys.exit(2)
 
-    from proxy.gateway import create_app
     from proxy.server import HttpLimits
 
     options: dict = {
@@ -285,23 +299,35 @@ def main(argv: Sequence[str] | None = None) -> None:
     }
     for warning in startup_warnings(settings, settings.host):
         log.warning("%s", warning)
+    if settings.demo and args.workers > 1:
+        print("error: --demo runs a single worker", file=sys.stderr)
+        sys.exit(2)
+    made_dir = setup_metrics_dir(settings, args.workers)
+    try:
+        serve(settings, options, args.workers)
+    finally:
+        if made_dir:
+            shutil.rmtree(made_dir, ignore_errors=True)
+
+
+def serve(settings: Settings, options: dict, workers: int) -> None:
+    """Run the gateway as the settings and options say (demo, workers, or one process)."""
+    from proxy.gateway import create_app
+
     if settings.demo:
-        if args.workers > 1:
-            print("error: --demo runs a single worker", file=sys.stderr)
-            sys.exit(2)
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(serve_demo(settings, options))
-    elif args.workers > 1:
+    elif workers > 1:
         url = listen_url(settings.host, settings.port)
-        log.info("%s; workers %d", startup_line(settings, url), args.workers)
-        run_workers(options, args.workers)
+        log.info("%s; workers %d", startup_line(settings, url), workers)
+        run_workers(options, workers)
     else:
         try:
             app = create_app(settings)
         except ConfigError as exc:
             print(f"error: invalid configuration file: {exc}", file=sys.stderr)
             sys.exit(2)
-        tune_gc()
+        own_process()
         config = uvicorn.Config(app, **options)
         server = GatewayServer(
             config, lambda port: startup_line(settings, listen_url(settings.host, port))
@@ -310,6 +336,30 @@ def main(argv: Sequence[str] | None = None) -> None:
             server.run()
         if not server.started:
             sys.exit(3)  # uvicorn's STARTUP_FAILURE; it logged why
+
+
+def setup_metrics_dir(settings: Settings, workers: int) -> str | None:
+    """prometheus-client's multiprocess directory, so ``/metrics`` covers every worker.
+
+    With ``--workers N`` (N > 1) and metrics on, a fresh temporary directory is made
+    (returned, so the caller removes it at exit) unless ``PROMETHEUS_MULTIPROC_DIR``
+    names one; a named directory is emptied of a previous run's metric files.
+    """
+    from proxy.metrics import prepare_multiproc_dir
+    from proxy.metrics import resolve as resolve_metrics
+
+    if not resolve_metrics(settings)[0]:
+        return None
+    if settings.metrics_dir:
+        prepare_multiproc_dir(settings.metrics_dir)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = settings.metrics_dir  # e.g. from .env
+        return None
+    if workers == 1:
+        return None
+    path = tempfile.mkdtemp(prefix="vllm-wrapper-metrics-")
+    # Before uvicorn starts the workers: each reads it when it imports prometheus-client.
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    return path
 
 
 async def serve_demo(settings: Settings, options: dict) -> None:

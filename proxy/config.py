@@ -72,6 +72,10 @@ class Settings:
     ws_send_timeout: float = 10.0
     ws_ping_interval: float = 20.0
     ws_auth_timeout: float = 10.0
+    # metrics (proxy/metrics.py); None: not set here, so the config file's [metrics] or the default
+    metrics: bool | None = None
+    metrics_public: bool | None = None
+    metrics_dir: str = ""
 
     @classmethod
     def from_env(
@@ -134,7 +138,7 @@ class Settings:
         """Check cross-field rules that hold for settings built directly, too."""
         for var, spec in ENV_VARS.items():
             value = getattr(self, spec.field)
-            if isinstance(value, tuple):
+            if isinstance(value, tuple) or value is None:
                 continue
             try:
                 spec.parse(str(value))
@@ -328,6 +332,8 @@ class Var(NamedTuple):
     def default_text(self) -> str:
         """The default as a person would write it (``--help``, README)."""
         default = Settings.__dataclass_fields__[self.field].default
+        if default is None:
+            return "unset"
         if isinstance(default, bool):
             return str(default).lower()
         if isinstance(default, float) and default.is_integer():
@@ -452,6 +458,14 @@ ENV_VARS: dict[str, Var] = {
         "ws_auth_timeout",
         _float_range(0.0, open_lo=True),
         "seconds a header-less /chat/ws socket has to send its auth message",
+    ),
+    "VLLM_WRAPPER_METRICS": Var("metrics", _bool, "serve Prometheus metrics at /metrics"),
+    "VLLM_WRAPPER_METRICS_PUBLIC": Var(
+        "metrics_public", _bool, "/metrics needs no key (wins over [metrics] public)"
+    ),
+    # prometheus-client's own variable: set, it puts the metrics in multiprocess mode
+    "PROMETHEUS_MULTIPROC_DIR": Var(
+        "metrics_dir", str, "prometheus-client's multiprocess directory (python -m proxy sets it)"
     ),
 }
 

@@ -244,6 +244,20 @@ def _bounds(lo: float | None, hi: float | None, open_lo: bool = False) -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class MetricsSpec:
+    """``[metrics]``: ``enabled`` and ``public`` (None: not in the file)."""
+
+    enabled: bool | None = None
+    public: bool | None = None
+
+
+def parse_metrics(table: Table) -> MetricsSpec:
+    spec = MetricsSpec(enabled=table.bool("enabled", None), public=table.bool("public", None))
+    table.done()
+    return spec
+
+
+@dataclass(frozen=True, slots=True)
 class FileConfig:
     """Everything the configuration file says, checked. Built by :func:`load`."""
 
@@ -253,10 +267,13 @@ class FileConfig:
     state: StateSpec | None = None
     upstreams: tuple[UpstreamSpec, ...] = ()
     routing: RoutingSpec | None = None
+    metrics: MetricsSpec = MetricsSpec()
 
 
 SectionParser = Callable[[Any], Any]
-SECTIONS: dict[str, tuple[str, SectionParser, str]] = {}
+SECTIONS: dict[str, tuple[str, SectionParser, str]] = {
+    "metrics": ("metrics", parse_metrics, "table"),
+}
 
 
 # ---- [[upstreams]] and [routing] (issue 10) ------------------------------------------------

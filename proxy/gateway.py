@@ -1,7 +1,7 @@
 """``create_app()``: routes, middleware order, lifespan.
 
 Middleware, outermost first: in-flight count (the lifespan shutdown waits for
-it) → access log (request id, one line per request) → CORS (only when
+it) → access log (request id, one line per request) → metrics (when on) → CORS (only when
 ``VLLM_WRAPPER_CORS_ORIGINS`` is set) → bearer auth → :class:`V1Lane` → routes. All
 are pure ASGI, so streamed bodies pass through untouched. ``/v1/*``, the hot path,
 goes from the lane straight to the passthrough app; everything else through
@@ -13,10 +13,11 @@ no lifespan events of its own; the host runs them with :func:`lifespan`.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Container
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
@@ -43,6 +44,15 @@ from proxy.inflight import InFlight, InFlightMiddleware
 from proxy.keys import Keys
 from proxy.limits import Limiter, UsageEndpoint
 from proxy.logs import ensure_gateway_logging
+from proxy.metrics import (
+    Metrics,
+    MetricsEndpoint,
+    MetricsMiddleware,
+    NoMetrics,
+    RouterModels,
+    UpstreamModels,
+)
+from proxy.metrics import resolve as resolve_metrics
 from proxy.passthrough import Passthrough, Relay, RootRoute
 from proxy.playground import PATH as PLAYGROUND
 from proxy.playground import PUBLIC_PATHS as PLAYGROUND_PATHS
@@ -180,17 +190,25 @@ def _keys_stage(keys: Keys, env_api_key: str) -> Callable[[FileConfig], Callable
     return prepare
 
 
+async def _stop(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
 def create_app(
     settings: Settings | None = None,
     config: FileConfig | None = None,
     *,
     reload_fan_out: Callable[[], None] | None = None,
+    served_models: Container[str] | None = None,
 ) -> Starlette:
     """Build the gateway from ``settings`` (default: from the environment and ``.env``).
 
     ``config`` is the configuration file's content; when None and ``settings.config_path``
     is set, the file is read here (a bad one raises :class:`ConfigError`, one line).
     ``reload_fan_out`` (``--workers N``) makes ``POST /admin/reload`` reload every worker.
+    ``served_models``: the model names the metrics may show as ``model`` labels (default:
+    ``VLLM_MODEL`` and what the upstreams serve, refreshed in the background).
     """
     if settings is None:
         ensure_gateway_logging()  # before reading the environment, which may warn
@@ -204,12 +222,27 @@ def create_app(
     file_config = config or FileConfig()
     keys = Keys.build(settings.wrapper_api_key, file_config.keys, file_config.limits)
     limiter = Limiter(keys, state_spec(settings, file_config))
+    metrics_on, metrics_public = resolve_metrics(settings, file_config.metrics)
+    metrics: Metrics | NoMetrics = NoMetrics()
+    if metrics_on:
+        metrics = Metrics(frozenset({settings.model}), multiproc_dir=settings.metrics_dir)
     router = Router(
         settings,
         upstream_specs(settings, config),
         config.routing if config is not None else None,
         managed=config is not None,
+        observe=metrics.upstream_request if metrics_on else None,
     )
+    discovered: UpstreamModels | None = None
+    if isinstance(metrics, Metrics):
+        if served_models is not None:
+            metrics.served = served_models
+        elif router.managed:  # the router discovers and checks every upstream itself
+            metrics.served = RouterModels(router, settings.model, metrics.upstream_health)
+        else:
+            upstream = router.endpoints[0].upstream
+            discovered = UpstreamModels(upstream, settings.model, on_health=metrics.upstream_health)
+            metrics.served = discovered
     reloader = None
     if config is not None and config.path:
         reloader = Reloader(config.path)
@@ -258,12 +291,24 @@ def create_app(
         routes += [Route(PLAYGROUND, playground), Route(PLAYGROUND + "/{name}", playground)]
         # Like the docs, the page itself calls nothing; it asks for the key to chat.
         public += PLAYGROUND_PATHS
+    if isinstance(metrics, Metrics):
+        endpoint = MetricsEndpoint(
+            metrics,
+            # With auth on, an admin key or one with ``metrics = true`` (unless public).
+            allow=lambda info: info.key is None or info.key.admin or info.key.metrics,
+            before=metrics.served.report if isinstance(metrics.served, RouterModels) else None,
+        )
+        routes.append(Route("/metrics", endpoint))
+        if metrics_public:
+            public.append("/metrics")
 
     inflight = InFlight()
     middleware = [
         Middleware(InFlightMiddleware, tracker=inflight),
         Middleware(AccessLogMiddleware, enabled=settings.access_log),
     ]
+    if isinstance(metrics, Metrics):
+        middleware.append(Middleware(MetricsMiddleware, metrics=metrics))
     if settings.cors_origins:
         middleware.append(
             Middleware(
@@ -285,6 +330,10 @@ def create_app(
             stack.push_async_callback(limiter.aclose)
             if reloader is not None:
                 await stack.enter_async_context(reloader.on_sighup())
+            if discovered is not None:
+                await discovered.refresh()  # bounded by VLLM_WRAPPER_HEALTH_TIMEOUT
+                refresher = asyncio.create_task(discovered.run())
+                stack.push_async_callback(_stop, refresher)
             yield
             # Requests the server has not finished (or has just cancelled) end first.
             await inflight.wait_idle(settings.graceful_timeout)

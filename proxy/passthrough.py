@@ -136,11 +136,15 @@ class Relay:
         """The whole request body, or None after answering the client's error (413, 408...)."""
         try:
             check_head(scope, limit=self.max_header_bytes)
-            return await read_body(scope, receive, limit=self.max_body, timeout=self.body_timeout)
+            info.body = await read_body(
+                scope, receive, limit=self.max_body, timeout=self.body_timeout
+            )
+            return info.body
         except ClientError as exc:
             await exc.send(send)
         except ClientDisconnected:
             info.note = "client-disconnected"
+            info.disconnected_at = time.perf_counter()
         return None
 
     async def guard(
@@ -162,6 +166,7 @@ class Relay:
             # ``watching`` is False once ``exchange`` is over: never cancel the task later.
             if watching and not watcher.cancelled() and watcher.exception() is None:
                 disconnected = True
+                info.disconnected_at = time.perf_counter()
                 task.cancel()
 
         watcher = asyncio.ensure_future(wait_disconnect(receive))

@@ -16,7 +16,7 @@ import base64
 import functools
 import logging
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from types import TracebackType
 
@@ -83,6 +83,19 @@ def _os_reason(exc: aiohttp.ClientConnectorError) -> str:
     errno = getattr(err, "errno", None)
     text = os.strerror(errno) if errno else (str(err) or type(err).__name__)
     return text[:1].lower() + text[1:]
+
+
+def attempt_outcome(status: int | None, error: UpstreamError | None = None) -> str:
+    """One attempt's result as a metrics label: ``2xx``..``5xx``, or what failed."""
+    if error is None:
+        return f"{(status or 0) // 100}xx"
+    if isinstance(error, PoolExhausted):
+        return "pool_exhausted"
+    if isinstance(error, UpstreamTimeout):
+        return "timeout"
+    if isinstance(error, UpstreamProtocolError):
+        return "protocol_error"
+    return "connection_error"
 
 
 class PoolFull(Exception):
@@ -202,10 +215,14 @@ class Upstream:
         url: str | None = None,
         api_key: str | None = None,
         max_connections: int | None = None,
+        observe: Callable[[str, str], None] | None = None,
     ) -> None:
         base, basic = split_credentials(url if url is not None else settings.base_urls[0])
         self.base_url = base
         self.public_url = redact_url(base)
+        self.label = self.public_url  # the metrics' ``upstream`` label
+        # Each attempt's (upstream without credentials, outcome), e.g. for metrics.
+        self._observe = observe
         key = settings.api_key if api_key is None else api_key
         if key and basic:
             raise ConfigError(
@@ -298,6 +315,16 @@ class Upstream:
         str_headers = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in headers]
         if self.authorization is not None:
             str_headers.append(("authorization", self.authorization))
+        try:
+            return await self._send(method, url, str_headers, body)
+        except UpstreamError as exc:
+            if self._observe is not None:
+                self._observe(self.label, attempt_outcome(None, exc))
+            raise
+
+    async def _send(
+        self, method: str, url: str, str_headers: list[tuple[str, str]], body: bytes
+    ) -> UpstreamResponse:
         with mapped_errors("request", self.timeout):
             try:
                 response = await self.client.request(
@@ -314,6 +341,8 @@ class Upstream:
             except aiohttp.ClientConnectorError as exc:
                 self.mark(f"cannot connect to {exc.host}:{exc.port}: {_os_reason(exc)}")
                 raise
+        if self._observe is not None:
+            self._observe(self.label, attempt_outcome(response.status))
         if self._down is not None:
             self.mark(None)
         return UpstreamResponse(response, self.timeout)
@@ -400,3 +429,9 @@ def served_models(body: bytes) -> list[str] | None:
         return [str(m["id"]) for m in data]
     except (orjson.JSONDecodeError, KeyError, TypeError, IndexError):
         return None
+
+    async def model_ids(self) -> list[str] | None:
+        """The model ids the upstream's ``/models`` lists (short health timeout); None when
+        it does not answer 200 with a model list."""
+        ok, _reason, body = await self._probe(want_body=True)
+        return served_models(body) if ok else None

@@ -325,6 +325,7 @@ class _Session:
     async def _run(self, turn_id: str | int, turn: Any) -> None:
         info = RequestInfo(request_id_from(()))
         info.key = self.key
+        info.key_name = self.key.name if self.key is not None else None
         outcome = "cancelled"
         try:
             async with aclosing(self.core.run(turn, info)) as events:

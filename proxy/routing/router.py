@@ -136,9 +136,12 @@ class Router:
         rules: RoutingSpec | None = None,
         *,
         managed: bool = False,
+        observe: Callable[[str, str], None] | None = None,
     ) -> None:
-        """``managed``: probe, discover and reload even with one upstream (a config file)."""
+        """``managed``: probe, discover and reload even with one upstream (a config file).
+        ``observe(upstream, outcome)`` hears every attempt (metrics)."""
         self.settings = settings
+        self.observe = observe
         self.rules = rules or RoutingSpec()
         self.default_model = settings.model
         self.endpoints = [self._endpoint(s, self.rules) for s in specs]
@@ -164,6 +167,7 @@ class Router:
             url=spec.url,
             api_key=spec.api_key,
             max_connections=spec.max_connections,
+            observe=self.observe,
         )
         return Endpoint(upstream, spec, rules)
 

@@ -228,7 +228,7 @@ CASES = [
             (b"/v1", (404, 404)),
             (b"/v1/nope", (404, 404)),
             (b"/v1/metrics", (404, 404)),
-            (b"/metrics", (404, 404)),
+            (b"/version", (404, 404)),  # vLLM root paths are not relayed (/metrics is ours)
             (b"//health/../v1/models", (400, 404)),
             (b"/v1/load_lora_adapter", (403, 403)),
             (b"/v1/unload_lora_adapter/", (403, 403)),
