@@ -248,7 +248,7 @@ def create_app(
         reloader = Reloader(config.path)
         reloader.register(router.prepare)
         reloader.register(_keys_stage(keys, settings.wrapper_api_key))
-    relay = Relay(router, RetryPolicy.from_settings(settings), settings, limiter)
+    relay = Relay(router, RetryPolicy.from_settings(settings), settings, limiter, meter=metrics_on)
     exposure = Exposure(
         settings.extra_paths, proxy_all=settings.proxy_all, allow_admin=settings.allow_admin
     )

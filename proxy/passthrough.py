@@ -42,6 +42,7 @@ from proxy.retry import RetryPolicy, send_with_retry
 from proxy.routing.catalog import send_catalog
 from proxy.routing.router import Router
 from proxy.upstream import Upstream, UpstreamResponse
+from proxy.usage import Meter
 
 log = logging.getLogger(__name__)
 
@@ -57,12 +58,17 @@ class Relay:
         policy: RetryPolicy,
         settings: Settings,
         limiter: Limiter | None = None,
+        *,
+        meter: bool = False,
     ) -> None:
+        """``meter``: read every answer's usage (a copy of its tail) for the metrics, even
+        for a key without token limits."""
         if isinstance(router, Upstream):
             router = Router.around(router, settings)
         self.router = router
         self.policy = policy
         self.limiter = limiter
+        self.meter = meter
         self.max_body = settings.max_body_bytes
         self.body_timeout = settings.body_timeout
         self.max_header_bytes = settings.max_header_bytes
@@ -236,8 +242,11 @@ class Relay:
         if not stream:
             headers.append(server_timing(info, time.perf_counter()))
         chunks = response.chunks()
-        if ticket is not None and response.status == 200:
-            chunks = ticket.meter(info, stream=stream).relay(chunks)
+        if response.status == 200:
+            if ticket is not None:
+                chunks = ticket.meter(info, stream=stream).relay(chunks)
+            elif self.meter:
+                chunks = Meter(info, stream=stream, strip=False).relay(chunks)
         try:
             await send(
                 {"type": "http.response.start", "status": response.status, "headers": headers}
