@@ -401,6 +401,12 @@ class Upstream:
             return True, "ok", body
         return False, reason, b""
 
+    async def model_ids(self) -> list[str] | None:
+        """The model ids the upstream's ``/models`` lists (short health timeout); None when
+        it does not answer 200 with a model list."""
+        ok, _reason, body = await self._probe(want_body=True)
+        return served_models(body) if ok else None
+
     @property
     def root_url(self) -> str:
         """The server root (``/health``, ``/metrics`` live there): the base without ``/v1``."""
@@ -429,9 +435,3 @@ def served_models(body: bytes) -> list[str] | None:
         return [str(m["id"]) for m in data]
     except (orjson.JSONDecodeError, KeyError, TypeError, IndexError):
         return None
-
-    async def model_ids(self) -> list[str] | None:
-        """The model ids the upstream's ``/models`` lists (short health timeout); None when
-        it does not answer 200 with a model list."""
-        ok, _reason, body = await self._probe(want_body=True)
-        return served_models(body) if ok else None
