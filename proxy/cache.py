@@ -276,6 +276,10 @@ class ResponseCache:
             self.failed(exc)
 
 
+def _ignore(result: str) -> None:
+    return None
+
+
 Run = Callable[[Send], Awaitable[None]]
 Hit = Callable[[Send, Stored, HeaderList], Awaitable[None]]
 
@@ -293,6 +297,7 @@ class Responses:
         default_model: str,
         chat_temperature: float,
         states: tuple[State, ...] = (),
+        on_result: Callable[[str], None] | None = None,
     ) -> None:
         self.spec = spec
         self.cache = cache
@@ -300,6 +305,8 @@ class Responses:
         self.default_model = default_model
         self.chat_temperature = chat_temperature
         self.states = states
+        # The metrics' cache counter: hit, miss, bypass, replay (an idempotent repeat).
+        self.on_result = on_result or _ignore
 
     async def serve(
         self,
@@ -326,6 +333,7 @@ class Responses:
                     await exc.send(send)
                     return
                 if isinstance(claim, Stored):
+                    self.on_result("replay")
                     await claim.replay(send, [(b"idempotent-replayed", b"true")])
                     return
         try:
@@ -349,6 +357,8 @@ class Responses:
         result = None
         if self.cache is not None:
             key, result, stored = await self._lookup(scope, info, body, path)
+            if result is not None:
+                self.on_result(result.lower() if stored is None else "hit")
             if stored is not None:
                 info.cache = HIT
                 age = max(int(time.time() - stored.created), 0)
