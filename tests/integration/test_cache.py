@@ -4,6 +4,7 @@ key, Cache-Control, what is never stored, and retries that never generate twice.
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 import uuid
@@ -26,6 +27,7 @@ CONFIG = f"""
 [[keys]]
 name = "a"
 key = "{A}"
+admin = true
 
 [[keys]]
 name = "b"
@@ -204,6 +206,33 @@ def test_answers_to_a_client_that_left_are_never_cached(clean_sim, client):
     r2, raw = stream(client, "/v1/chat/completions", body)
     assert r2.headers["x-cache"] == "MISS"
     assert raw.endswith(b"data: [DONE]\n\n")
+
+
+def cache_counts(client: httpx.Client) -> dict[str, float]:
+    text = client.get("/metrics", headers=auth()).text
+    found = re.findall(r'^vllm_wrapper_cache_requests_total\{result="(\w+)"\} (\S+)$', text, re.M)
+    return {result: float(value) for result, value in found}
+
+
+def test_metrics_count_hits_misses_bypasses_and_replays(clean_sim, client):
+    before = cache_counts(client)
+    body = chat()
+    post(client, "/v1/chat/completions", body)
+    post(client, "/v1/chat/completions", body)
+    post(client, "/v1/chat/completions", chat(temperature=1.0))
+    key = {"Idempotency-Key": uuid.uuid4().hex}
+    once = chat(temperature=1.0)
+    post(client, "/v1/chat/completions", once, **key)
+    replayed = post(client, "/v1/chat/completions", once, **key)
+    assert replayed.headers["idempotent-replayed"] == "true"
+    after = cache_counts(client)
+
+    def delta(result: str) -> float:
+        return after.get(result, 0) - before.get(result, 0)
+
+    assert (delta("hit"), delta("miss")) == (1, 1)
+    assert delta("bypass") >= 2  # the temperature-1 one and the first idempotent one
+    assert delta("replay") == 1
 
 
 def test_other_paths_carry_no_cache_header(client):
