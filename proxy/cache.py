@@ -399,6 +399,8 @@ class Responses:
             return None, None, None
         if not reproducible(upstream_path, parsed):
             return None, BYPASS, None
+        if path == CHAT_PATH and ("conversation_id" in parsed or parsed.get("store") is True):
+            return None, BYPASS, None  # a conversation's turn depends on its stored history
         no_cache, no_store = cache_control(scope["headers"])
         if no_store:
             return None, BYPASS, None

@@ -393,6 +393,11 @@ def test_chat_default_temperature_is_not_reproducible(clean_sim, client):
     assert post(client, "/chat", body).headers["x-cache"] == "BYPASS"  # default 0.7
 
 
+def test_chat_conversation_turns_are_not_cached(clean_sim, client):
+    body = {"messages": [{"role": "user", "content": "hi"}], "temperature": 0, "store": True}
+    assert post(client, "/chat", body).headers["x-cache"] == "BYPASS"
+
+
 def test_chat_idempotency_key_replays(clean_sim, client):
     body = {"messages": [{"role": "user", "content": uuid.uuid4().hex}], "temperature": 1.0}
     key = {"Idempotency-Key": uuid.uuid4().hex}
