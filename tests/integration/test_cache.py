@@ -521,3 +521,23 @@ def test_memory_stays_bounded_under_many_large_answers(clean_sim, sim, tmp_path,
         else:
             assert grown > total / 2, (grown, total)
             assert first == "HIT"
+
+
+def test_openai_sdk_timeout_and_retry_with_an_idempotency_key_completes_once(clean_sim, gw):
+    """A flaky first attempt (the SDK gives up on it after 1.5 s and drops the connection):
+    the gateway releases the key, the SDK's own retry runs, one generation completes."""
+    clean_sim.faults(first_byte_delay=5, count=1)
+    sdk = openai.OpenAI(base_url=gw.url + "/v1", api_key=A, max_retries=3, timeout=1.5)
+    key = {"Idempotency-Key": uuid.uuid4().hex}
+    body = chat(temperature=1.0)
+    answer = sdk.chat.completions.with_raw_response.create(**body, extra_headers=key)
+    assert answer.parse().choices[0].message.content
+    assert "idempotent-replayed" not in answer.headers
+    assert clean_sim.stats()["by_path"]["/v1/chat/completions"] == 2  # the cut one, the retry
+    assert clean_sim.stats()["completed"] == 1
+    again = sdk.chat.completions.with_raw_response.create(**body, extra_headers=key)
+    assert again.headers["idempotent-replayed"] == "true"
+    assert again.parse().id == answer.parse().id
+    assert clean_sim.stats()["completed"] == 1
+    with pytest.raises(openai.UnprocessableEntityError):
+        sdk.chat.completions.create(**chat(), extra_headers=key)
