@@ -44,6 +44,7 @@ from proxy.errors import (
     send_json,
 )
 from proxy.headers import upstream_request_headers
+from proxy.history import Conversation, History
 from proxy.passthrough import Relay
 from proxy.sse import DONE, SSEDecoder, encode_data
 from proxy.upstream import UpstreamResponse
@@ -140,9 +141,9 @@ class _StreamState:
             text = (choice.get("delta") or {}).get("content")
         return text or None
 
-    def summary(self) -> bytes:
+    def summary(self, extra: dict[str, Any]) -> bytes:
         usage = self.usage or _usage(None)
-        info = {**usage, "finish_reason": self.finish_reason, "model": self.model}
+        info = {**usage, "finish_reason": self.finish_reason, "model": self.model, **extra}
         return encode_data(orjson.dumps(info).decode(), "usage", hide_from_line_readers=True)
 
 
@@ -153,9 +154,10 @@ def error_event(exc: UpstreamError) -> bytes:
 class Chat:
     """The ``POST /chat`` ASGI app."""
 
-    def __init__(self, relay: Relay, settings: Settings) -> None:
+    def __init__(self, relay: Relay, settings: Settings, history: History | None = None) -> None:
         self.relay = relay
         self.settings = settings
+        self.history = history
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["method"] != "POST":
@@ -170,6 +172,15 @@ class Chat:
         except InvalidChat as exc:
             await exc.send(send)
             return
+        convo = None
+        if self.history is not None and ("conversation_id" in payload or "store" in payload):
+            try:
+                convo = await self.history.begin(payload, info.key, info.request_id)
+            except GatewayError as exc:
+                await exc.send(send)
+                return
+            if convo is not None:
+                send = convo.wrap(send)
         upstream = self.relay.upstream
         url = upstream.url("/chat/completions")
         headers = upstream_request_headers(
@@ -179,26 +190,30 @@ class Chat:
         )
         request = orjson.dumps(payload)
         ticket = None
-        if info.key is not None and info.key.policy:
-            try:
-                ticket = await self.relay.admit(info, body, "/chat/completions", payload)
-            except GatewayError as exc:
-                await exc.send(send)
-                return
-            if ticket is not None:
-                send = ticket.wrap(send)
 
         async def attempt() -> UpstreamResponse:
             info.attempts += 1
             return await upstream.send("POST", url, headers, request)
 
         try:
+            if info.key is not None and info.key.policy:
+                try:
+                    ticket = await self.relay.admit(info, request, "/chat/completions", payload)
+                except GatewayError as exc:
+                    await exc.send(send)
+                    return
+                if ticket is not None:
+                    send = ticket.wrap(send)
             await self.relay.guard(
-                receive, info, lambda: self._exchange(send, attempt, info, payload["model"], stream)
+                receive,
+                info,
+                lambda: self._exchange(send, attempt, info, payload["model"], stream, convo),
             )
         finally:
             if ticket is not None:
                 ticket.finish(info)
+            if convo is not None:
+                await convo.release()
 
     async def _exchange(
         self,
@@ -207,13 +222,14 @@ class Chat:
         info: RequestInfo,
         model: str,
         stream: bool,
+        convo: Conversation | None = None,
     ) -> bool:
         """Open the upstream, then answer as a stream or whole; True when fully answered."""
         response = await self._open(send, attempt, info)
         if response is None:
             return True
         answer = self._stream if stream else self._unary
-        await answer(send, response, info, model)
+        await answer(send, response, info, model, convo)
         return True
 
     async def _open(
@@ -237,7 +253,12 @@ class Chat:
         return None
 
     async def _unary(
-        self, send: Send, response: UpstreamResponse, info: RequestInfo, model: str
+        self,
+        send: Send,
+        response: UpstreamResponse,
+        info: RequestInfo,
+        model: str,
+        convo: Conversation | None,
     ) -> None:
         try:
             answer = translate_completion(await response.read(), model)
@@ -249,12 +270,20 @@ class Chat:
             return
         finally:
             await response.aclose()
+        if convo is not None:
+            answer["conversation_id"] = await convo.commit(answer["content"])
         await send_json(send, 200, orjson.dumps(answer))
 
     async def _stream(
-        self, send: Send, response: UpstreamResponse, info: RequestInfo, model: str
+        self,
+        send: Send,
+        response: UpstreamResponse,
+        info: RequestInfo,
+        model: str,
+        convo: Conversation | None,
     ) -> None:
         state = _StreamState(model)
+        parts: list[str] = []
         decoder = SSEDecoder()
         try:
             await send(
@@ -265,6 +294,7 @@ class Chat:
                     info.generated += 1
                     text = state.on_chunk(event.data)
                     if text is not None:
+                        parts.append(text)
                         await send(
                             {
                                 "type": "http.response.body",
@@ -278,7 +308,10 @@ class Chat:
                 raise UpstreamError(
                     "upstream ended the stream before [DONE]", code="upstream_stream_incomplete"
                 )
-            tail = state.summary() + DONE
+            extra = {}
+            if convo is not None:
+                extra["conversation_id"] = await convo.commit("".join(parts))
+            tail = state.summary(extra) + DONE
         except UpstreamError as exc:
             # The status is out: say what happened in-band, then end the stream cleanly.
             info.note = f"stream-error:{exc.code}"

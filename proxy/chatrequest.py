@@ -33,7 +33,8 @@ def _number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def _check_messages(messages: Any) -> None:
+def check_messages(messages: Any) -> None:
+    """Raise :class:`InvalidChat` unless ``messages`` is a non-empty list of {role, content}."""
     if messages is None:
         raise _fail("messages", "'messages' is required", "missing_required_parameter")
     if not isinstance(messages, list):
@@ -74,7 +75,7 @@ def parse_chat(body: bytes, settings: Settings) -> tuple[dict[str, Any], bool]:
         raise _fail("body", f"request body is not valid JSON: {exc}", "invalid_json") from None
     if not isinstance(data, dict):
         raise _fail("body", "request body must be a JSON object", "invalid_type")
-    _check_messages(data.get("messages"))
+    check_messages(data.get("messages"))
 
     model = data.get("model")
     if model is not None and (not isinstance(model, str) or not model):

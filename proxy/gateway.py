@@ -33,10 +33,12 @@ from proxy.auth import BearerAuthMiddleware
 from proxy.chat import Chat
 from proxy.config import Settings
 from proxy.configfile import FileConfig, load
+from proxy.conversations import Conversations
 from proxy.docs import ASSET_PREFIX, PUBLIC_PATHS, Docs
 from proxy.errors import error_body
 from proxy.exposure import Exposure
 from proxy.health import Health, Models
+from proxy.history import Fitter, History, HistorySpec
 from proxy.inflight import InFlight, InFlightMiddleware
 from proxy.keys import Keys
 from proxy.limits import Limiter, UsageEndpoint
@@ -130,9 +132,12 @@ def create_app(settings: Settings | None = None, config: FileConfig | None = Non
     if config is None:
         config = load(settings.config_path) if settings.config_path else FileConfig()
     keys = Keys.build(settings.wrapper_api_key, config.keys, config.limits)
-    limiter = Limiter(keys, state_spec(settings, config))
+    shared = state_spec(settings, config)
+    limiter = Limiter(keys, shared)
     upstream = Upstream(settings)
     relay = Relay(upstream, RetryPolicy.from_settings(settings), settings, limiter)
+    history = History(config.history or HistorySpec(), shared, Fitter(upstream, relay.api_key))
+    conversations = Conversations(history, relay)
     exposure = Exposure(
         settings.extra_paths, proxy_all=settings.proxy_all, allow_admin=settings.allow_admin
     )
@@ -141,7 +146,9 @@ def create_app(settings: Settings | None = None, config: FileConfig | None = Non
     routes = [
         Route("/health", Health(upstream, settings)),
         Route("/models", Models(relay)),
-        Route("/chat", Chat(relay, settings)),
+        Route("/chat", Chat(relay, settings, history)),
+        Route("/conversations", conversations),
+        Route("/conversations/{conversation_id}", conversations),
         Route("/usage", UsageEndpoint(keys, limiter)),
         # /v1/... goes through V1Lane below; bare /v1 gets a 404 of ours, not a redirect.
         Route("/v1", passthrough),
@@ -187,6 +194,7 @@ def create_app(settings: Settings | None = None, config: FileConfig | None = Non
                 await inflight.wait_idle(settings.graceful_timeout)
             finally:
                 await limiter.aclose()
+                await history.aclose()
 
     app = Starlette(
         routes=routes,
