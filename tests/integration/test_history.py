@@ -383,8 +383,8 @@ def test_history_survives_a_restart_in_sqlite(sim: Sim, clean_sim: Sim, tmp_path
 
 
 def test_history_is_trimmed_to_a_small_context(tmp_path: Path) -> None:
-    """A 256-token model and turns of ~70 tokens (question and answer): every turn succeeds, the system message
-    stays, the oldest turns go, and what the upstream got always fits."""
+    """A 256-token model and turns of ~70 tokens (question and answer): every turn
+    succeeds, the system message stays, the oldest turns go, what the upstream got fits."""
     with sim_server("--model", MODEL, "--max-model-len", "256") as server:
         small = Sim(server)
         with start(small.base_url, write_config(tmp_path)) as gw:
