@@ -404,3 +404,18 @@ def test_history_is_trimmed_to_a_small_context(tmp_path: Path) -> None:
             assert len(sent) > 2  # not everything was dropped: recent turns stay
             stored = httpx.get(f"{gw.url}/conversations/{conv['id']}", timeout=10).json()
             assert stored["message_count"] == 1 + 2 * 12  # storage keeps all (max_messages)
+
+
+def test_the_docs_describe_the_real_answers(gw: ServerProcess, clean_sim: Sim) -> None:
+    schema = httpx.get(gw.url + "/openapi.json", timeout=10).json()
+    paths = schema["paths"]
+    assert {"post", "get"} <= set(paths["/conversations"])
+    assert {"get", "delete"} <= set(paths["/conversations/{conversation_id}"])
+    assert {"404", "409"} <= set(paths["/chat"]["post"]["responses"])
+    created = paths["/conversations"]["post"]["responses"]["200"]["content"]["application/json"]
+    real = httpx.post(gw.url + "/conversations", json={"messages": [], "metadata": {}}).json()
+    assert set(real) == set(created["example"])
+    chat = schema["components"]["schemas"]["ChatRequest"]["properties"]
+    assert {"conversation_id", "store"} <= set(chat)
+    html = httpx.get(gw.url + "/docs", timeout=10)
+    assert html.status_code == 200
