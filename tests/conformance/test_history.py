@@ -29,7 +29,7 @@ def test_many_long_turns_always_fit_the_context(gw: ServerProcess, upstream: Ups
     system = {"role": "system", "content": "You are a helpful assistant."}
     conv = httpx.post(gw.url + "/conversations", json={"messages": [system]}, timeout=30).json()
     question = "Please tell me a long story about " + ", ".join(
-        f"the {n} dragons of the {n}th mountain" for n in range(12)
+        f"the {n} dragons of the {n}th mountain" for n in range(5)
     )
     prompts = []
     for i in range(TURNS):
@@ -50,7 +50,9 @@ def test_many_long_turns_always_fit_the_context(gw: ServerProcess, upstream: Ups
         assert usage["completion_tokens"] == MAX_TOKENS
         assert usage["prompt_tokens"] + MAX_TOKENS <= MAX_MODEL_LEN
         prompts.append(usage["prompt_tokens"])
-    # Without trimming the prompt would have grown past the context after a few turns.
+    # The whole conversation is far longer than the context: without trimming the later
+    # turns would have been refused.
+    assert TURNS * (prompts[0] + MAX_TOKENS) > 2 * MAX_MODEL_LEN
     assert max(prompts) > 2 * prompts[0]  # history was sent...
     stored = httpx.get(f"{gw.url}/conversations/{conv['id']}", timeout=30).json()
     assert stored["message_count"] == 1 + 2 * TURNS  # ...and all of it is kept in storage
