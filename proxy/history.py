@@ -218,6 +218,8 @@ class Fitter:
         room = limit - max_tokens
         if estimate(options[0]) <= room:
             return options[0], 0
+        if room <= 0:  # max_tokens alone fills the context: vLLM's own 400 will say so
+            return options[-1], full - len(options[-1])
         # The first option that surely fits by the upper bound; the minimal one otherwise.
         sure = next((i for i, o in enumerate(options) if estimate(o) <= room), len(options) - 1)
         lo, hi, calls = 0, sure, 0  # the answer is in [lo, hi]; options[hi] is known to fit
@@ -405,7 +407,7 @@ class History:
             except BaseException:
                 await self._unlock(lock, turn_id)
                 raise
-        turn = Conversation(self, owner, record, new, lock, turn_id)
+        turn = Conversation(self, owner, record, new, lock, turn_id, keep=store is not False)
         try:
             max_tokens = payload.get("max_tokens")
             max_tokens = max_tokens if isinstance(max_tokens, int) else 0
@@ -441,8 +443,11 @@ class Conversation:
         new: list[dict[str, Any]],
         lock: str,
         turn_id: str,
+        *,
+        keep: bool = True,
     ) -> None:
         self.history = history
+        self.keep = keep
         self.owner = owner
         self.record = record
         self.new = new
@@ -489,7 +494,12 @@ class Conversation:
 
     async def commit(self, answer: str) -> str:
         """Store the new messages and the answer, then unlock. A state failure is logged
-        (the answer is out or about to be): the turn is then not stored."""
+        (the answer is out or about to be): the turn is then not stored. With
+        ``"store": false`` next to a ``conversation_id`` the turn is answered in context
+        but not added."""
+        if not self.keep:
+            await self.release()
+            return self.id
         messages = [*self.record["messages"], *self.new, {"role": "assistant", "content": answer}]
         self.record["messages"] = messages
         try:

@@ -115,6 +115,15 @@ def test_without_store_nothing_is_kept(gw: ServerProcess, clean_sim: Sim) -> Non
     assert r.status_code == 200 and "conversation_id" not in r.json()
 
 
+def test_store_false_answers_in_context_without_adding(gw: ServerProcess, clean_sim: Sim) -> None:
+    cid = turn(gw, "Context.", store=True).json()["conversation_id"]
+    r = turn(gw, "Just asking.", conversation_id=cid, store=False)
+    assert r.status_code == 200 and r.json()["conversation_id"] == cid
+    assert last_messages(clean_sim)[0] == {"role": "user", "content": "Context."}
+    stored = httpx.get(f"{gw.url}/conversations/{cid}", timeout=10).json()
+    assert stored["message_count"] == 2
+
+
 def test_streamed_turns_carry_the_id_and_store_the_streamed_text(
     gw: ServerProcess, clean_sim: Sim
 ) -> None:
