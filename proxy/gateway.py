@@ -177,7 +177,7 @@ def create_app(settings: Settings | None = None, config: FileConfig | None = Non
                 allow_origins=list(settings.cors_origins),
                 allow_methods=["*"],
                 allow_headers=["*"],
-                expose_headers=["x-request-id"],
+                expose_headers=["x-request-id", "x-conversation-id"],
             )
         )
     middleware += [

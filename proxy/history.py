@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from proxy.asgi import Message, Send
+from proxy.asgi import Send, with_headers
 from proxy.errors import ClientError, GatewayError, NotFound, StateUnavailableError
 from proxy.headers import upstream_request_headers
 from proxy.state import State, StateSpec, StateUnavailable, open_state
@@ -465,14 +465,7 @@ class Conversation:
 
     def wrap(self, send: Send) -> Send:
         """``send`` that adds ``x-conversation-id`` to the response start."""
-        header = (b"x-conversation-id", self.id.encode())
-
-        async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", ()), header]
-            await send(message)
-
-        return send_with_id
+        return with_headers(send, [(b"x-conversation-id", self.id.encode())])
 
     def _schedule(self) -> None:
         every = self.history.spec.lock_seconds / 3

@@ -42,7 +42,7 @@ from urllib.parse import parse_qs
 import orjson
 
 from proxy.accesslog import RequestInfo, request_info
-from proxy.asgi import Message, Receive, Scope, Send
+from proxy.asgi import Receive, Scope, Send, with_headers
 from proxy.errors import (
     Forbidden,
     GatewayError,
@@ -212,16 +212,7 @@ class Ticket:
 
     def wrap(self, send: Send) -> Send:
         """``send`` that adds the rate-limit headers to the response start."""
-        extra = self.headers
-        if not extra:
-            return send
-
-        async def send_with_headers(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", ()), *extra]
-            await send(message)
-
-        return send_with_headers
+        return with_headers(send, self.headers)
 
     def meter(self, info: RequestInfo, *, stream: bool) -> Meter:
         return Meter(info, stream=stream, strip=self.strip and stream)
