@@ -29,7 +29,7 @@ SECRET_NAME = "vllm-secrets"
 ROOT = Path(__file__).resolve().parent
 SRC = "/opt/vllm-wrapper"
 # What the image needs to install the package (pyproject names README.md as its readme).
-SOURCE_FILES = ("pyproject.toml", "README.md")
+SOURCE_FILES = ("pyproject.toml", "README.md", "LICENSE")
 SOURCE_DIRS = ("proxy",)
 
 
@@ -40,7 +40,9 @@ class ModalOptions:
 
     max_inputs: int = 500  # concurrent requests (streams) per container
     target_inputs: int = 400  # the autoscaler adds containers above this many per container
-    min_containers: int = 1  # keep one warm: no cold start in front of a warm vLLM
+    # Scale to zero when idle (what Modal users expect; nothing is billed). 1 keeps a container
+    # warm: no gateway cold start (a few seconds) in front of vLLM's own, billed around the clock.
+    min_containers: int = 0
     max_containers: int = 10
     timeout: int = 3600  # seconds one request may last (a long generation)
     scaledown_window: int = 300  # seconds an idle container waits before it stops
@@ -59,10 +61,12 @@ class ModalOptions:
             try:
                 value = kind(raw.strip())
             except ValueError:
-                value = 0
-            if value <= 0:
+                value = -1  # reported below, like any other bad value
+            # Only the warm pool may be empty (0: scale to zero); the rest must be positive.
+            if value < 0 or (value == 0 and name != "min_containers"):
                 noun = "an integer" if kind is int else "a number"
-                raise SystemExit(f"error: invalid setting {var}={raw!r}: expected {noun} > 0")
+                bound = ">= 0" if name == "min_containers" else "> 0"
+                raise SystemExit(f"error: invalid setting {var}={raw!r}: expected {noun} {bound}")
             values[name] = value
         options = cls(**values)  # type: ignore[arg-type]
         if options.min_containers > options.max_containers:

@@ -88,8 +88,16 @@ class RssPeak:
 class Server:
     """A process group serving HTTP on 127.0.0.1:``port``."""
 
-    def __init__(self, name: str, args: list[str], port: int, env: dict[str, str] | None = None):
+    def __init__(
+        self,
+        name: str,
+        args: list[str],
+        port: int,
+        env: dict[str, str] | None = None,
+        cwd: Path = ROOT,
+    ):
         self.name = name
+        self.cwd = cwd
         self.args = args
         self.port = port
         self.env = {**os.environ, **(env or {})}
@@ -107,7 +115,7 @@ class Server:
     def start(self, ready_path: str, workers: int = 1) -> Server:
         self.proc = subprocess.Popen(
             self.args,
-            cwd=ROOT,
+            cwd=self.cwd,
             env=self.env,
             stdout=self.log,
             stderr=subprocess.STDOUT,
@@ -139,23 +147,27 @@ class Server:
             self.proc.wait(5)
 
 
-def sim(tokens: int) -> Server:
+def sim(tokens: int, model: str = "tiny-llama") -> Server:
     port = free_port()
     args = [sys.executable, "-m", "proxy.sim", "--port", str(port), "--tokens", str(tokens)]
-    return Server("sim", [*args, "--log-level", "warning"], port)
+    return Server("sim", [*args, "--model", model, "--log-level", "warning"], port)
 
 
-def gateway(upstream: str, workers: int) -> Server:
+def gateway(
+    upstream: str, workers: int, env: dict[str, str] | None = None, src: Path = ROOT
+) -> Server:
+    """The gateway from the source tree ``src`` (default: this one)."""
     port = free_port()
     env = {
         "VLLM_BASE_URL": upstream + "/v1",
         "VLLM_WRAPPER_API_KEY": "",
         "VLLM_WRAPPER_ACCESS_LOG": "false",  # as nginx's access_log off
         "VLLM_WRAPPER_LOG_LEVEL": "warning",
+        **(env or {}),
     }
     args = [sys.executable, "-m", "proxy", "--host", "127.0.0.1", "--port", str(port)]
     args += ["--env-file", "", "--workers", str(workers)]
-    return Server(f"gateway-w{workers}", args, port, env)
+    return Server(f"gateway-w{workers}", args, port, env, cwd=src)
 
 
 NGINX_CONF = """\

@@ -12,6 +12,14 @@ another until ``--duration`` seconds have passed. Each request draws a scenario:
 - ``upstream_stall``: the simulator goes silent for longer than ``VLLM_TIMEOUT``;
 - ``upstream_503``: every attempt answers 503 (the gateway retries, then gives 503).
 
+Alongside, ``--attackers`` hostile clients on raw sockets loop over attacks the
+gateway must refuse without help from a fronting proxy (see README, "Limits"):
+
+- ``oversized_head``: header lines that never end (431 while they arrive);
+- ``slow_head``: a head sent a byte at a time (408 after ``VLLM_WRAPPER_HEADER_TIMEOUT``);
+- ``trailer_flood``: a chunked body followed by trailers that never end (closed);
+- ``idle``: a connection that sends nothing (closed after the header timeout).
+
 An outcome that is not the one its scenario should give counts as *unexpected*.
 At the end it reports requests by outcome, unexpected errors by kind, the
 gateway's RSS and open fds (after warm-up and at the end), the upstream
@@ -57,7 +65,65 @@ GATEWAY_ENV = {
     "VLLM_WRAPPER_RETRY_BACKOFF_MAX": "0.2",
     "VLLM_WRAPPER_ACCESS_LOG": "false",
     "VLLM_WRAPPER_LOG_LEVEL": "warning",
+    "VLLM_WRAPPER_HEADER_TIMEOUT": "2",
 }
+ATTACKS = ("oversized_head", "slow_head", "trailer_flood", "idle")
+FLOOD = (b"x-flood: " + b"f" * 1000 + b"\r\n") * 16  # 16 KiB of header lines per write
+
+
+async def _drain(reader: asyncio.StreamReader, timeout: float) -> bytes:
+    """What the gateway answers, until it closes (empty if it only closes)."""
+    data = b""
+    try:
+        async with asyncio.timeout(timeout):
+            while chunk := await reader.read(65536):
+                data += chunk
+    except (TimeoutError, ConnectionError):
+        pass
+    return data
+
+
+async def one_attack(host: str, port: int, kind: str) -> str:
+    """Run one attack; 'expected' when the gateway refused it as it should."""
+    reader, writer = await asyncio.open_connection(host, port)
+    answer_task = asyncio.create_task(_drain(reader, 20))
+    try:
+        if kind == "idle":
+            answer = await answer_task
+            return "expected" if answer == b"" else f"got:{answer[:12]!r}"
+        if kind == "slow_head":
+            writer.write(b"GET /v1/models HTTP/1.1\r\n")
+            for _ in range(40):  # a byte every 0.25 s, for up to 10 s
+                if answer_task.done():
+                    break
+                writer.write(b"x")
+                await asyncio.sleep(0.25)
+            answer = await answer_task
+            return "expected" if answer.startswith(b"HTTP/1.1 408") else f"got:{answer[:12]!r}"
+        if kind == "oversized_head":
+            writer.write(b"GET /v1/models HTTP/1.1\r\nhost: soak\r\n")
+        else:  # trailer_flood
+            writer.write(
+                b"POST /v1/completions HTTP/1.1\r\nhost: soak\r\ntransfer-encoding: chunked\r\n"
+                b"content-type: application/json\r\n\r\n2\r\n{}\r\n0\r\n"
+            )
+        for _ in range(128):  # up to 2 MiB, far over the 64 KiB limit
+            if answer_task.done():
+                break
+            writer.write(FLOOD)
+            try:
+                await asyncio.wait_for(writer.drain(), 5)
+            except (TimeoutError, ConnectionError):
+                break
+        answer = await answer_task
+        if kind == "oversized_head":
+            return "expected" if answer.startswith(b"HTTP/1.1 431") else f"got:{answer[:12]!r}"
+        return "expected" if b"x-flood" not in answer else "trailers_relayed"
+    except ConnectionError:
+        return "expected" if kind in ("oversized_head", "trailer_flood") else "reset"
+    finally:
+        answer_task.cancel()
+        writer.close()
 
 
 async def one_request(client: httpx.AsyncClient, url: str, rng: random.Random) -> tuple[str, str]:
@@ -105,8 +171,11 @@ async def one_request(client: httpx.AsyncClient, url: str, rng: random.Random) -
     return scenario, "expected" if scenario in ("ok", "client_disconnect") else "not_cut"
 
 
-async def run_load(url: str, streams: int, duration: float, seed: int) -> dict:
+async def run_load(
+    url: str, streams: int, duration: float, seed: int, attackers: int = 0, port: int = 0
+) -> dict:
     outcomes: Counter[str] = Counter()
+    attacks: Counter[str] = Counter()
     unexpected: Counter[str] = Counter()
     deadline = time.monotonic() + duration
     limits = httpx.Limits(max_connections=streams + 10, max_keepalive_connections=streams + 10)
@@ -121,8 +190,20 @@ async def run_load(url: str, streams: int, duration: float, seed: int) -> dict:
                 if outcome != "expected":
                     unexpected[f"{scenario}:{outcome}"] += 1
 
-        await asyncio.gather(*(worker(i) for i in range(streams)))
-    return {"by_scenario": dict(outcomes), "unexpected": dict(unexpected)}
+        async def attacker(i: int) -> None:
+            n = i
+            while time.monotonic() < deadline:
+                kind = ATTACKS[n % len(ATTACKS)]
+                n += 1
+                outcome = await one_attack("127.0.0.1", port, kind)
+                attacks[kind] += 1
+                if outcome != "expected":
+                    unexpected[f"attack_{kind}:{outcome}"] += 1
+
+        await asyncio.gather(
+            *(worker(i) for i in range(streams)), *(attacker(i) for i in range(attackers))
+        )
+    return {"by_scenario": dict(outcomes), "attacks": dict(attacks), "unexpected": dict(unexpected)}
 
 
 def sample(pid: int, sim_port: int) -> dict:
@@ -139,6 +220,9 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=200, help="concurrent streams")
     parser.add_argument("--warmup", type=float, default=15.0, help="seconds before the baseline")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--attackers", type=int, default=4, help="hostile raw-socket clients alongside"
+    )
     parser.add_argument("--no-write", action="store_true", help="do not update bench/RESULTS.md")
     args = parser.parse_args()
 
@@ -159,7 +243,9 @@ def main() -> None:
 
                 watcher = asyncio.create_task(watch())
                 try:
-                    return await run_load(url, args.streams, args.duration, args.seed)
+                    return await run_load(
+                        url, args.streams, args.duration, args.seed, args.attackers, gw.port
+                    )
                 finally:
                     watcher.cancel()
 
@@ -185,6 +271,7 @@ def main() -> None:
         "duration_s": round(elapsed, 1),
         "requests": sum(load["by_scenario"].values()),
         "by_scenario": load["by_scenario"],
+        "attacks": load["attacks"],
         "unexpected": load["unexpected"],
         "gateway_start": start,
         "gateway_after_warmup": after_warmup,
@@ -207,12 +294,17 @@ def write_results(report: dict) -> None:
     up = "upstream_connections"
     rss_series = ", ".join(f"{x['rss_mib']:g}" for x in report["samples"])
     rows = "\n".join(f"| {k} | {v} |" for k, v in sorted(report["by_scenario"].items()))
+    rows += "".join(
+        f"\n| attack: {k} | {v} |" for k, v in sorted(report.get("attacks", {}).items())
+    )
     section = f"""{BEGIN}
 ## Soak
 
 `{report["command"]}` (simulator and gateway as real processes on loopback, one
 gateway worker, on the 2-core shared development machine; streams of 10–60 tokens
-at 0.2 s per token; `VLLM_TIMEOUT=2`, `VLLM_MAX_RETRIES=2`).
+at 0.2 s per token; `VLLM_TIMEOUT=2`, `VLLM_MAX_RETRIES=2`; raw-socket attackers
+alongside: oversized and slow heads, trailer floods, idle sockets, with
+`VLLM_WRAPPER_HEADER_TIMEOUT=2`).
 
 - {report["streams"]} concurrent streams for {report["duration_s"]} s (the load runs for
   `--duration`, then each worker finishes its last request):

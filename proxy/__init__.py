@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from proxy.config import ConfigError, Settings
 from proxy.errors import GatewayError, UpstreamError
 from proxy.gateway import create_app, lifespan
+from proxy.version import VERSION as __version__
 
 if TYPE_CHECKING:
     from starlette.applications import Starlette
@@ -23,6 +24,7 @@ __all__ = [
     "GatewayError",
     "Settings",
     "UpstreamError",
+    "__version__",
     "app",
     "create_app",
     "lifespan",

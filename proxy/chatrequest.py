@@ -19,6 +19,8 @@ from proxy.errors import BadRequest
 
 ROLES = ("system", "user", "assistant", "tool")
 RESERVED = ("stream_options",)
+# JSON nesting /chat accepts (orjson reads 1024 levels but writes only 254).
+MAX_DEPTH = 128
 
 
 class InvalidChat(BadRequest):
@@ -31,6 +33,20 @@ def _fail(param: str, message: str, code: str = "invalid_value") -> InvalidChat:
 
 def _number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _too_deep(value: Any, limit: int) -> bool:
+    """Whether ``value`` nests lists/objects deeper than ``limit`` (iterative: no recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item
+        for child in children:
+            if isinstance(child, dict | list):
+                if depth + 1 > limit:
+                    return True
+                stack.append((child, depth + 1))
+    return False
 
 
 def check_messages(messages: Any) -> None:
@@ -75,6 +91,13 @@ def parse_chat(body: bytes, settings: Settings) -> tuple[dict[str, Any], bool]:
         raise _fail("body", f"request body is not valid JSON: {exc}", "invalid_json") from None
     if not isinstance(data, dict):
         raise _fail("body", "request body must be a JSON object", "invalid_type")
+    if _too_deep(data, MAX_DEPTH):
+        raise _fail("body", f"request body nests deeper than {MAX_DEPTH} levels")
+    return chat_payload(data, settings)
+
+
+def chat_payload(data: dict[str, Any], settings: Settings) -> tuple[dict[str, Any], bool]:
+    """:func:`parse_chat` on an already decoded object (a ``/chat/ws`` message's fields)."""
     check_messages(data.get("messages"))
 
     model = data.get("model")

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from proxy.config import ConfigError
+from proxy.config import ConfigError, check_url, redact_url, url_has_credentials
 from proxy.history import HistorySpec
 from proxy.keys import LIMIT_NAMES, NAME, KeySpec, LimitSpec, LimitsSpec, digest
 from proxy.state import StateSpec
@@ -245,6 +245,20 @@ def _bounds(lo: float | None, hi: float | None, open_lo: bool = False) -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class MetricsSpec:
+    """``[metrics]``: ``enabled`` and ``public`` (None: not in the file)."""
+
+    enabled: bool | None = None
+    public: bool | None = None
+
+
+def parse_metrics(table: Table) -> MetricsSpec:
+    spec = MetricsSpec(enabled=table.bool("enabled", None), public=table.bool("public", None))
+    table.done()
+    return spec
+
+
+@dataclass(frozen=True, slots=True)
 class FileConfig:
     """Everything the configuration file says, checked. Built by :func:`load`."""
 
@@ -252,11 +266,106 @@ class FileConfig:
     keys: tuple[KeySpec, ...] = ()
     limits: LimitsSpec | None = None
     state: StateSpec | None = None
+    upstreams: tuple[UpstreamSpec, ...] = ()
+    routing: RoutingSpec | None = None
+    metrics: MetricsSpec = MetricsSpec()
     history: HistorySpec | None = None
 
 
 SectionParser = Callable[[Any], Any]
-SECTIONS: dict[str, tuple[str, SectionParser, str]] = {}
+SECTIONS: dict[str, tuple[str, SectionParser, str]] = {
+    "metrics": ("metrics", parse_metrics, "table"),
+}
+
+
+# ---- [[upstreams]] and [routing] (issue 10) ------------------------------------------------
+
+POLICIES = ("least-busy", "round-robin", "session", "load-aware")
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamSpec:
+    """One ``[[upstreams]]`` entry (or one URL of ``VLLM_BASE_URL``).
+
+    ``models`` empty means "discover from its ``/v1/models``"; ``api_key`` None means
+    the gateway-wide ``VLLM_API_KEY``; ``max_connections`` None the gateway-wide pool size.
+    """
+
+    url: str
+    api_key: str | None = None
+    weight: int = 1
+    models: tuple[str, ...] = ()
+    max_connections: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingSpec:
+    """``[routing]``: the balancing policy and the health-check knobs (README, "Many upstreams")."""
+
+    policy: str = "least-busy"
+    session_header: str = "x-session-id"
+    session_user: bool = True
+    probe_interval: float = 5.0
+    eject_after: int = 3
+    eject_backoff: float = 2.0
+    eject_backoff_max: float = 60.0
+    metrics_interval: float = 1.0
+    metrics_stale: float = 2.0
+
+
+def parse_upstreams(tables: list[Table]) -> tuple[UpstreamSpec, ...]:
+    """``[[upstreams]]``: url, api_key / api_key_env, weight, models, max_connections."""
+    specs: list[UpstreamSpec] = []
+    seen: set[str] = set()
+    for t in tables:
+        url = t.parsed("url", check_url)
+        api_key = t.secret("api_key")
+        if api_key is not None and url_has_credentials(url):
+            raise t.error(
+                "url",
+                f"{redact_url(url)} carries credentials and api_key is set; both would claim "
+                "the Authorization header, give one",
+            )
+        if url in seen:
+            raise t.error("url", f"{redact_url(url)} is listed twice")
+        seen.add(url)
+        specs.append(
+            UpstreamSpec(
+                url=url,
+                api_key=api_key,
+                weight=t.int("weight", 1, lo=1, hi=1000),
+                models=t.str_list("models", ()),
+                max_connections=t.int("max_connections", None, lo=1),
+            )
+        )
+        t.done()
+    return tuple(specs)
+
+
+def parse_routing(t: Table) -> RoutingSpec:
+    """``[routing]``: policy, session_header, session_user and the health/metrics intervals."""
+    header = t.str("session_header", "x-session-id")
+    if not all(c.isalnum() or c in "-_" for c in header):
+        raise t.error("session_header", f"expected a header name, got {_show(header)}")
+    spec = RoutingSpec(
+        policy=t.choice("policy", POLICIES, "least-busy"),
+        session_header=header.lower(),
+        session_user=t.bool("session_user", True),
+        probe_interval=t.float("probe_interval", 5.0, lo=0.1),
+        eject_after=t.int("eject_after", 3, lo=1, hi=1000),
+        eject_backoff=t.float("eject_backoff", 2.0, lo=0.1),
+        eject_backoff_max=t.float("eject_backoff_max", 60.0, lo=0.1),
+        metrics_interval=t.float("metrics_interval", 1.0, lo=0.1),
+        metrics_stale=t.float("metrics_stale", 2.0, lo=0.1),
+    )
+    if spec.eject_backoff_max < spec.eject_backoff:
+        raise t.error("eject_backoff_max", "must be >= eject_backoff")
+    t.done()
+    return spec
+
+
+SECTIONS["upstreams"] = ("upstreams", parse_upstreams, "array")
+SECTIONS["routing"] = ("routing", parse_routing, "table")
 
 
 def parse(data: Mapping[str, Any], *, file: str, environ: Mapping[str, str]) -> FileConfig:

@@ -46,8 +46,7 @@ class Docs:
         self._files: dict[str, bytes] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["method"] not in ("GET", "HEAD"):
-            await MethodNotAllowed("use GET").send(send, [(b"allow", b"GET, HEAD")])
+        if await refused_unless_get(scope, send):
             return
         root = scope.get("root_path", "").rstrip("/")
         path = route_path(scope)
@@ -61,19 +60,27 @@ class Docs:
                 assets=html.escape(root + ASSET_PREFIX.rstrip("/")),
                 spec=html.escape(root + "/openapi.json"),
             ).encode()
-            await _send(send, page, b"text/html; charset=utf-8", b"no-cache")
+            await send_static(send, page, b"text/html; charset=utf-8", b"no-cache")
         elif path.startswith(ASSET_PREFIX) and path[len(ASSET_PREFIX) :] in _ASSETS:
             name = path[len(ASSET_PREFIX) :]
             folder, kind = _ASSETS[name]
             body = self._files.get(name)
             if body is None:
                 body = self._files[name] = (folder / name).read_bytes()
-            await _send(send, body, kind, b"public, max-age=86400")
+            await send_static(send, body, kind, b"public, max-age=86400")
         else:
             await NotFound(f"no route for GET {path}").send(send)
 
 
-async def _send(send: Send, body: bytes, content_type: bytes, cache: bytes) -> None:
+async def refused_unless_get(scope: Scope, send: Send) -> bool:
+    """Answer 405 to a method other than GET or HEAD; True when it did."""
+    if scope["method"] in ("GET", "HEAD"):
+        return False
+    await MethodNotAllowed("use GET").send(send, [(b"allow", b"GET, HEAD")])
+    return True
+
+
+async def send_static(send: Send, body: bytes, content_type: bytes, cache: bytes) -> None:
     await send(
         {
             "type": "http.response.start",

@@ -34,6 +34,10 @@ INFERENCE_PATHS: tuple[str, ...] = (
     "/audio/translations",
 )
 
+# Allowed under /v1 but served by vLLM at its root: relayed to {root}/tokenize (also as
+# the gateway's own /tokenize and /detokenize).
+ROOT_PATHS = frozenset({"/tokenize", "/detokenize"})
+
 # What OpenAI-style clients send; TRACE, CONNECT, PUT, PATCH, WebDAV... are never relayed
 # unless VLLM_WRAPPER_PROXY_ALL is set.
 METHODS = frozenset({"GET", "HEAD", "POST", "DELETE", "OPTIONS"})

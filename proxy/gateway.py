@@ -1,7 +1,7 @@
 """``create_app()``: routes, middleware order, lifespan.
 
 Middleware, outermost first: in-flight count (the lifespan shutdown waits for
-it) → access log (request id, one line per request) → CORS (only when
+it) → access log (request id, one line per request) → metrics (when on) → CORS (only when
 ``VLLM_WRAPPER_CORS_ORIGINS`` is set) → bearer auth → :class:`V1Lane` → routes. All
 are pure ASGI, so streamed bodies pass through untouched. ``/v1/*``, the hot path,
 goes from the lane straight to the passthrough app; everything else through
@@ -13,39 +13,59 @@ no lifespan events of its own; the host runs them with :func:`lifespan`.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Container
 from contextlib import AbstractAsyncContextManager
+from typing import Any
 
+import orjson
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
 
 from proxy.accesslog import AccessLogMiddleware
 from proxy.asgi import ASGIApp, Receive, Scope, Send, route_path
 from proxy.auth import BearerAuthMiddleware
-from proxy.chat import Chat
+from proxy.chat import Chat, ChatCore
 from proxy.config import Settings
 from proxy.configfile import FileConfig, load
 from proxy.conversations import Conversations
 from proxy.docs import ASSET_PREFIX, PUBLIC_PATHS, Docs
-from proxy.errors import error_body
+from proxy.errors import MethodNotAllowed, NotFound, error_body, send_json
 from proxy.exposure import Exposure
 from proxy.health import Health, Models
 from proxy.history import Fitter, History, HistorySpec
 from proxy.inflight import InFlight, InFlightMiddleware
 from proxy.keys import Keys
 from proxy.limits import Limiter, UsageEndpoint
-from proxy.passthrough import Passthrough, Relay
+from proxy.logs import ensure_gateway_logging
+from proxy.metrics import (
+    Metrics,
+    MetricsEndpoint,
+    MetricsMiddleware,
+    NoMetrics,
+    RouterModels,
+    UpstreamModels,
+)
+from proxy.metrics import resolve as resolve_metrics
+from proxy.passthrough import Passthrough, Relay, RootRoute
+from proxy.playground import PATH as PLAYGROUND
+from proxy.playground import PUBLIC_PATHS as PLAYGROUND_PATHS
+from proxy.playground import Playground
+from proxy.reload import AdminReload, Reloader
 from proxy.retry import RetryPolicy
+from proxy.routing.router import Router, upstream_specs
+from proxy.startup import base_url_warning
 from proxy.state import StateSpec
-from proxy.upstream import Upstream
+from proxy.version import VERSION
+from proxy.ws import ChatSocket
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +90,40 @@ async def _http_error(request: Request, exc: Exception) -> Response:
         405: f"method {request.method} not allowed on {request.url.path}",
     }.get(exc.status_code, str(exc.detail))
     return _json_error(exc.status_code, message, exc.headers)
+
+
+class Index:
+    """``GET /``: what this server is and where to look (no secrets, no upstream address).
+    Links follow a mount prefix (``root_path``)."""
+
+    def __init__(self, docs: bool) -> None:
+        links = {"health": "/health", "models": "/models", "chat": "/chat", "openai": "/v1"}
+        if docs:
+            links = {"docs": "/docs", "openapi": "/openapi.json", **links}
+        self.links = links
+        self.body = self._body("")
+
+    def _body(self, prefix: str) -> bytes:
+        links = {name: prefix + path for name, path in self.links.items()}
+        return orjson.dumps({"name": "vllm-wrapper", "version": VERSION, "links": links})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["method"] not in ("GET", "HEAD"):
+            await MethodNotAllowed("use GET /").send(send, [(b"allow", b"GET, HEAD")])
+            return
+        prefix = scope.get("root_path", "").rstrip("/")
+        await send_json(send, 200, self._body(prefix) if prefix else self.body)
+
+
+class MissingV1:
+    """An OpenAI SDK whose base URL lacks ``/v1`` calls ``/chat/completions`` etc. here."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await NotFound(
+            f"no route for {route_path(scope)}: the OpenAI API is under /v1 — add /v1 to your "
+            "client's base URL (e.g. base_url='http://host:8001/v1'), or use POST /chat for "
+            "the simple API"
+        ).send(send)
 
 
 async def _server_error(request: Request, exc: Exception) -> Response:
@@ -124,36 +178,111 @@ def state_spec(settings: Settings, config: FileConfig) -> StateSpec:
     return spec
 
 
-def create_app(settings: Settings | None = None, config: FileConfig | None = None) -> Starlette:
-    """Build the gateway from ``settings`` (default: from the environment and ``.env``)
-    and the configuration file (``config``, else the file ``settings.config_path`` names)."""
+def _keys_stage(keys: Keys, env_api_key: str) -> Callable[[FileConfig], Callable[[], Any]]:
+    """The key ring's part in a reload: build the new ring (checks it), then swap it in."""
+
+    def prepare(config: FileConfig) -> Callable[[], Any]:
+        ring = Keys.build(env_api_key, config.keys, config.limits).ring
+
+        async def commit() -> None:
+            keys.ring = ring
+
+        return commit
+
+    return prepare
+
+
+async def _stop(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+def create_app(
+    settings: Settings | None = None,
+    config: FileConfig | None = None,
+    *,
+    reload_fan_out: Callable[[], None] | None = None,
+    served_models: Container[str] | None = None,
+) -> Starlette:
+    """Build the gateway from ``settings`` (default: from the environment and ``.env``).
+
+    ``config`` is the configuration file's content; when None and ``settings.config_path``
+    is set, the file is read here (a bad one raises :class:`ConfigError`, one line).
+    ``reload_fan_out`` (``--workers N``) makes ``POST /admin/reload`` reload every worker.
+    ``served_models``: the model names the metrics may show as ``model`` labels (default:
+    ``VLLM_MODEL`` and what the upstreams serve, refreshed in the background).
+    """
     if settings is None:
+        ensure_gateway_logging()  # before reading the environment, which may warn
         settings = Settings.from_env()
-    if config is None:
-        config = load(settings.config_path) if settings.config_path else FileConfig()
-    keys = Keys.build(settings.wrapper_api_key, config.keys, config.limits)
-    shared = state_spec(settings, config)
+    ensure_gateway_logging(settings.log_level)
+    warning = base_url_warning(settings)
+    if warning:
+        log.warning("%s", warning)
+    if config is None and settings.config_path:
+        config = load(settings.config_path)
+    file_config = config or FileConfig()
+    keys = Keys.build(settings.wrapper_api_key, file_config.keys, file_config.limits)
+    shared = state_spec(settings, file_config)
     limiter = Limiter(keys, shared)
-    upstream = Upstream(settings)
-    relay = Relay(upstream, RetryPolicy.from_settings(settings), settings, limiter)
-    history = History(config.history or HistorySpec(), shared, Fitter(upstream, relay.api_key))
-    conversations = Conversations(history, relay)
+    metrics_on, metrics_public = resolve_metrics(settings, file_config.metrics)
+    metrics: Metrics | NoMetrics = NoMetrics()
+    if metrics_on:
+        metrics = Metrics(frozenset({settings.model}), multiproc_dir=settings.metrics_dir)
+    router = Router(
+        settings,
+        upstream_specs(settings, config),
+        config.routing if config is not None else None,
+        managed=config is not None,
+        observe=metrics.upstream_request if metrics_on else None,
+    )
+    discovered: UpstreamModels | None = None
+    if isinstance(metrics, Metrics):
+        if served_models is not None:
+            metrics.served = served_models
+        elif router.managed:  # the router discovers and checks every upstream itself
+            metrics.served = RouterModels(router, settings.model, metrics.upstream_health)
+        else:
+            upstream = router.endpoints[0].upstream
+            discovered = UpstreamModels(upstream, settings.model, on_health=metrics.upstream_health)
+            metrics.served = discovered
+    reloader = None
+    if config is not None and config.path:
+        reloader = Reloader(config.path)
+        reloader.register(router.prepare)
+        reloader.register(_keys_stage(keys, settings.wrapper_api_key))
+    relay = Relay(router, RetryPolicy.from_settings(settings), settings, limiter, meter=metrics_on)
+    history = History(file_config.history or HistorySpec(), shared, Fitter(router))
     exposure = Exposure(
         settings.extra_paths, proxy_all=settings.proxy_all, allow_admin=settings.allow_admin
     )
     passthrough = Passthrough(relay, exposure)
+    chat = ChatCore(relay, settings, history)
+    conversations = Conversations(history, relay)
+    chat_socket = ChatSocket(chat, settings, keys)
 
     routes = [
-        Route("/health", Health(upstream, settings)),
+        Route("/", Index(settings.docs)),
+        Route("/health", Health(router, settings)),
         Route("/models", Models(relay)),
-        Route("/chat", Chat(relay, settings, history)),
+        Route("/chat", Chat(chat)),
+        WebSocketRoute("/chat/ws", chat_socket),
+        Route("/chat/ws", chat_socket),  # plain HTTP: 426 with a hint
         Route("/conversations", conversations),
         Route("/conversations/{conversation_id}", conversations),
         Route("/usage", UsageEndpoint(keys, limiter)),
+        Route(
+            "/admin/reload",
+            AdminReload(reloader, auth_on=bool(keys.ring), fan_out=reload_fan_out),
+        ),
+        Route("/tokenize", RootRoute(relay, "/tokenize")),
+        Route("/detokenize", RootRoute(relay, "/detokenize")),
         # /v1/... goes through V1Lane below; bare /v1 gets a 404 of ours, not a redirect.
         Route("/v1", passthrough),
+        # The OpenAI API's own paths without the /v1: a client's base URL lacks it.
+        *(Route(p, MissingV1()) for p in ("/chat/completions", "/completions", "/embeddings")),
     ]
-    public = ["/health"]
+    public = ["/", "/health"]  # the index names no secret, like /health
     if settings.docs:
         docs = Docs(settings)
         routes += [
@@ -164,12 +293,29 @@ def create_app(settings: Settings | None = None, config: FileConfig | None = Non
         # The docs describe the API without calling it; a browser cannot send a bearer
         # header to open a page, so they are public (README, "API docs").
         public += PUBLIC_PATHS
+    if settings.playground:
+        playground = Playground()
+        routes += [Route(PLAYGROUND, playground), Route(PLAYGROUND + "/{name}", playground)]
+        # Like the docs, the page itself calls nothing; it asks for the key to chat.
+        public += PLAYGROUND_PATHS
+    if isinstance(metrics, Metrics):
+        endpoint = MetricsEndpoint(
+            metrics,
+            # With auth on, an admin key or one with ``metrics = true`` (unless public).
+            allow=lambda info: info.key is None or info.key.admin or info.key.metrics,
+            before=metrics.served.report if isinstance(metrics.served, RouterModels) else None,
+        )
+        routes.append(Route("/metrics", endpoint))
+        if metrics_public:
+            public.append("/metrics")
 
     inflight = InFlight()
     middleware = [
         Middleware(InFlightMiddleware, tracker=inflight),
         Middleware(AccessLogMiddleware, enabled=settings.access_log),
     ]
+    if isinstance(metrics, Metrics):
+        middleware.append(Middleware(MetricsMiddleware, metrics=metrics))
     if settings.cors_origins:
         middleware.append(
             Middleware(
@@ -181,20 +327,24 @@ def create_app(settings: Settings | None = None, config: FileConfig | None = Non
             )
         )
     middleware += [
-        Middleware(BearerAuthMiddleware, keys=keys, exempt=public),
+        Middleware(BearerAuthMiddleware, keys=keys, exempt=public, message_auth=["/chat/ws"]),
         Middleware(V1Lane, v1=passthrough),
     ]
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        async with upstream:
-            try:
-                yield
-                # Requests the server has not finished (or has just cancelled) end first.
-                await inflight.wait_idle(settings.graceful_timeout)
-            finally:
-                await limiter.aclose()
-                await history.aclose()
+        async with router, contextlib.AsyncExitStack() as stack:
+            stack.push_async_callback(limiter.aclose)
+            stack.push_async_callback(history.aclose)
+            if reloader is not None:
+                await stack.enter_async_context(reloader.on_sighup())
+            if discovered is not None:
+                await discovered.refresh()  # bounded by VLLM_WRAPPER_HEALTH_TIMEOUT
+                refresher = asyncio.create_task(discovered.run())
+                stack.push_async_callback(_stop, refresher)
+            yield
+            # Requests the server has not finished (or has just cancelled) end first.
+            await inflight.wait_idle(settings.graceful_timeout)
 
     app = Starlette(
         routes=routes,
@@ -203,7 +353,8 @@ def create_app(settings: Settings | None = None, config: FileConfig | None = Non
         exception_handlers={HTTPException: _http_error, Exception: _server_error},
     )
     app.state.settings = settings  # for introspection only; handlers get theirs passed in
-    app.state.upstream = upstream
-    app.state.keys = keys  # reload: keys.apply(settings.wrapper_api_key, new_config)
+    app.state.upstream = router.endpoints[0].upstream
+    app.state.router = router
+    app.state.keys = keys
     app.state.limiter = limiter
     return app

@@ -79,6 +79,21 @@ def client_response_headers(upstream_headers: Iterable[tuple[bytes, bytes]]) -> 
     return [(n, v) for n, v in strip_headers(upstream_headers, RESPONSE_DROP) if n != REQUEST_ID]
 
 
+# What uvicorn refuses to write (it raises mid-response): tokens only in names, and no
+# control characters but tab in values.
+_BAD_NAME = re.compile(rb'[\x00-\x20\x7f()<>@,;:\[\]={}\\"]')
+_BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def writable(headers: HeaderList) -> bool:
+    """Whether every name is a token and no value holds a control character (one regex
+    search over all names, one over all values)."""
+    if not headers:
+        return True
+    names, values = zip(*headers, strict=True)
+    return not (_BAD_NAME.search(b"_".join(names)) or _BAD_VALUE.search(b"\t".join(values)))
+
+
 def get_header(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes | None:
     for n, v in headers:
         if n == name:

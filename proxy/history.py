@@ -41,6 +41,7 @@ from proxy.headers import upstream_request_headers
 from proxy.state import State, StateSpec, StateUnavailable, open_state
 
 if TYPE_CHECKING:
+    from proxy.routing.router import Router
     from proxy.upstream import Upstream
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,11 @@ class ConversationNotFound(NotFound):
 class InvalidConversation(ClientError):
     status = 400
     code = "invalid_value"
+
+
+def wants_history(payload: dict[str, Any]) -> bool:
+    """Whether a ``/chat`` payload names a conversation or asks to store one."""
+    return "conversation_id" in payload or "store" in payload
 
 
 def history_state_spec(spec: HistorySpec, state: StateSpec) -> StateSpec:
@@ -147,56 +153,65 @@ def candidates(
 
 class Fitter:
     """Fits a prompt into the model's context: ``max_model_len`` from the upstream's
-    ``/v1/models`` (kept a few minutes), exact counts from its ``/tokenize`` (which
-    takes chat ``messages``), but only when the cheap upper bound does not fit."""
+    ``/v1/models`` (what the router discovered, else fetched and kept a few minutes),
+    exact counts from its ``/tokenize`` (which takes chat ``messages``), but only when
+    the cheap upper bound does not fit."""
 
-    def __init__(self, upstream: Upstream, api_key: bytes) -> None:
-        self.upstream = upstream
-        self.api_key = api_key
-        base = upstream.base_url
-        self.root = base[: -len("/v1")] if base.endswith("/v1") else base
-        self._lens: dict[str, int] = {}
-        self._fetched = -float("inf")
+    def __init__(self, router: Router) -> None:
+        self.router = router
+        self._lens: dict[str, tuple[float, dict[str, int]]] = {}  # base URL -> (when, lens)
         self._lock = asyncio.Lock()
 
-    async def _post_get(self, method: str, url: str, body: bytes, rid: bytes) -> Any:
-        headers = upstream_request_headers(
-            [(b"content-type", b"application/json")], api_key=self.api_key, request_id=rid
-        )
-        response = await self.upstream.send(method, url, headers, body)
+    def _endpoints(self, model: str) -> Sequence[Any]:
         try:
-            data = await response.read()
-            if response.status != 200:
-                return None
-            return orjson.loads(data)
-        finally:
-            await response.aclose()
+            return self.router.candidates(model)
+        except GatewayError:  # no upstream serves the model: the turn will say so
+            return ()
 
-    async def max_model_len(self, model: str, rid: bytes) -> int | None:
-        """The model's context length, or None when the upstream does not say."""
-        if model in self._lens and time.monotonic() - self._fetched < _MODELS_TTL:
-            return self._lens[model]
-        async with self._lock:
-            if time.monotonic() - self._fetched >= _MODELS_TTL or model not in self._lens:
-                try:
-                    data = await self._post_get("GET", self.upstream.url("/models"), b"", rid)
-                    lens = {
-                        m["id"]: int(m["max_model_len"])
-                        for m in data["data"]
-                        if isinstance(m.get("max_model_len"), int)
-                    }
-                except (GatewayError, orjson.JSONDecodeError, KeyError, TypeError) as exc:
-                    log.warning("cannot read max_model_len from the upstream: %r", exc)
-                    return self._lens.get(model)
-                self._lens, self._fetched = lens, time.monotonic()
-        return self._lens.get(model)
+    async def max_model_len(self, model: str) -> int | None:
+        """The model's context length (the smallest its upstreams report), or None."""
+        endpoints = self._endpoints(model)
+        known = [
+            obj["max_model_len"]
+            for e in endpoints
+            if isinstance(obj := e.model_objects.get(model), dict)
+            and isinstance(obj.get("max_model_len"), int)
+        ]
+        if known:
+            return min(known)
+        if not endpoints:
+            return None
+        upstream = endpoints[0].upstream
+        now = time.monotonic()
+        seen = self._lens.get(upstream.base_url)
+        if seen is None or now - seen[0] >= _MODELS_TTL:
+            async with self._lock:
+                seen = self._lens.get(upstream.base_url)
+                if seen is None or now - seen[0] >= _MODELS_TTL:
+                    lens = await _context_lengths(upstream)
+                    # A failed read is tried again after 10 s, not 5 minutes.
+                    seen = (now if lens else now - _MODELS_TTL + 10.0, lens)
+                    self._lens[upstream.base_url] = seen
+        return seen[1].get(model)
 
     async def count(self, model: str, messages: list[dict[str, Any]], rid: bytes) -> int | None:
         """The prompt's exact token count from ``/tokenize``, or None."""
+        endpoints = self._endpoints(model)
+        if not endpoints:
+            return None
+        upstream = endpoints[0].upstream
+        headers = upstream_request_headers(
+            [(b"content-type", b"application/json")], api_key=b"", request_id=rid
+        )
         body = orjson.dumps({"model": model, "messages": messages})
         try:
-            data = await self._post_get("POST", self.root + "/tokenize", body, rid)
-            return int(data["count"])
+            url = upstream.url("/tokenize", root=True)
+            response = await upstream.send("POST", url, headers, body)
+            try:
+                data = await response.read()
+            finally:
+                await response.aclose()
+            return int(orjson.loads(data)["count"]) if response.status == 200 else None
         except (GatewayError, orjson.JSONDecodeError, KeyError, TypeError, ValueError):
             return None
 
@@ -212,7 +227,7 @@ class Fitter:
         fit ``max_model_len``; and how many stored messages it dropped."""
         options = candidates(stored, new)
         full = len(options[0])
-        limit = await self.max_model_len(model, rid)  # cached: no round trip per turn
+        limit = await self.max_model_len(model)  # cached: no round trip per turn
         if limit is None:
             return options[0], 0
         room = limit - max_tokens
@@ -235,6 +250,21 @@ class Fitter:
                 lo = mid + 1
         chosen = options[hi]
         return chosen, full - len(chosen)
+
+
+async def _context_lengths(upstream: Upstream) -> dict[str, int]:
+    """``{model: max_model_len}`` from an upstream's ``/v1/models``; empty when it fails."""
+    try:
+        status, body = await upstream.fetch(upstream.url("/models"))
+        data = orjson.loads(body)["data"] if status == 200 else []
+        return {
+            m["id"]: m["max_model_len"]
+            for m in data
+            if isinstance(m, dict) and isinstance(m.get("max_model_len"), int)
+        }
+    except (GatewayError, orjson.JSONDecodeError, KeyError, TypeError) as exc:
+        log.warning("cannot read max_model_len from %s: %r", upstream.base_url, exc)
+        return {}
 
 
 # ---- the store ---------------------------------------------------------------------------

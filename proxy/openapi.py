@@ -153,6 +153,22 @@ def build_openapi(settings: Settings, root_path: str = "") -> dict[str, Any]:
                     },
                 }
             },
+            "/": {
+                "get": {
+                    "tags": ["Operations"],
+                    "summary": "What this server is: name, version and links",
+                    "responses": {
+                        "200": {
+                            "description": "Index",
+                            "content": _json(
+                                {"type": "object"},
+                                {"name": "vllm-wrapper", "links": {"docs": "/docs"}},
+                            ),
+                        },
+                        **_ERRORS,
+                    },
+                }
+            },
             "/health": {
                 "get": {
                     "tags": ["Operations"],
@@ -182,6 +198,21 @@ def build_openapi(settings: Settings, root_path: str = "") -> dict[str, Any]:
                             ),
                         },
                         "503": _error("With `strict=1`: vLLM unavailable"),
+                    },
+                }
+            },
+            "/admin/reload": {
+                "post": {
+                    "tags": ["Operations"],
+                    "summary": "Re-read the configuration file",
+                    "description": "Needs `VLLM_WRAPPER_API_KEY`; with auth off, only from "
+                    "loopback. A bad file changes nothing (400 `invalid_config`).",
+                    "responses": {
+                        "200": {"description": "Reloaded"},
+                        "202": {"description": "Every worker signalled (`--workers N`)"},
+                        "400": _error("No config file, or a bad one (nothing changed)"),
+                        "401": _ERRORS["401"],
+                        "403": _error("Auth off and the request is not from loopback"),
                     },
                 }
             },
@@ -272,15 +303,34 @@ def build_openapi(settings: Settings, root_path: str = "") -> dict[str, Any]:
                 )
             },
             "/v1/models": {"get": _passthrough("OpenAI model list", "get")},
+            "/tokenize": {
+                "post": _passthrough(
+                    "vLLM's tokenizer (relayed to vLLM's root /tokenize)",
+                    "post",
+                    {"model": model, "prompt": "Hello world"},
+                )
+            },
+            "/detokenize": {
+                "post": _passthrough(
+                    "vLLM's detokenizer (relayed to vLLM's root /detokenize)",
+                    "post",
+                    {"model": model, "tokens": [9906, 1917]},
+                )
+            },
             "/v1/{path}": {
                 "parameters": [
                     {
                         "name": "path",
                         "in": "path",
                         "required": True,
-                        "description": "Any other path vLLM serves under /v1 "
-                        "(e.g. `tokenize`); LoRA admin paths are refused unless "
-                        "`VLLM_WRAPPER_ALLOW_ADMIN=true`.",
+                        "description": "Another path of the allow-list (README, "
+                        "Exposure): `responses`, `score`, `rerank`, `audio/transcriptions`..."
+                        " Others get 404 unless `VLLM_WRAPPER_EXTRA_PATHS` or "
+                        "`VLLM_WRAPPER_PROXY_ALL` widen it; LoRA admin paths are refused "
+                        "unless `VLLM_WRAPPER_ALLOW_ADMIN=true`. `tokenize` and `detokenize` "
+                        "reach vLLM's root, where it serves them. What vLLM answers depends "
+                        "on its model: `embeddings`, `score` and `rerank` need a pooling "
+                        "model, `audio/*` a speech model; vLLM 0.32 has no `models/{id}`.",
                         "schema": {"type": "string"},
                     }
                 ],
@@ -384,6 +434,27 @@ _SCHEMAS: dict[str, Any] = {
             "vllm_available": {"type": "boolean"},
             "model": {"type": "string"},
             "base_url": {"type": "string"},
+            "upstreams": {
+                "description": "With many upstreams or a config file: each one's state",
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "url": {"type": "string"},
+                        "healthy": {"type": "boolean"},
+                        "in_flight": {"type": "integer"},
+                        "weight": {"type": "integer"},
+                        "models": {"type": ["array", "null"], "items": {"type": "string"}},
+                        "last_error": {"type": ["string", "null"]},
+                        "load": {"type": ["object", "null"]},
+                    },
+                },
+            },
+            "reason": {
+                "type": "string",
+                "description": "Only when unhealthy: why, in a few words (e.g. `upstream "
+                "answered 401: it refused the gateway's credentials (check VLLM_API_KEY)`).",
+            },
         },
     },
     "ModelList": {

@@ -21,17 +21,28 @@ from proxy.accesslog import RequestInfo, request_info
 from proxy.asgi import Receive, Scope, Send, route_path
 from proxy.body import ClientDisconnected, check_head, read_body, wait_disconnect
 from proxy.config import Settings
-from proxy.errors import ClientError, GatewayError, UpstreamError
-from proxy.exposure import Exposure
+from proxy.errors import (
+    ClientError,
+    GatewayError,
+    MethodNotAllowed,
+    UpstreamAuthRefused,
+    UpstreamError,
+    UpstreamProtocolError,
+)
+from proxy.exposure import ROOT_PATHS, Exposure
 from proxy.headers import (
     HeaderList,
     client_response_headers,
     get_header,
     upstream_request_headers,
+    writable,
 )
 from proxy.limits import Limiter, Ticket
 from proxy.retry import RetryPolicy, send_with_retry
+from proxy.routing.catalog import send_catalog
+from proxy.routing.router import Router
 from proxy.upstream import Upstream, UpstreamResponse
+from proxy.usage import Meter
 
 log = logging.getLogger(__name__)
 
@@ -43,22 +54,38 @@ class Relay:
 
     def __init__(
         self,
-        upstream: Upstream,
+        router: Router | Upstream,
         policy: RetryPolicy,
         settings: Settings,
         limiter: Limiter | None = None,
+        *,
+        meter: bool = False,
     ) -> None:
-        self.upstream = upstream
+        """``meter``: read every answer's usage (a copy of its tail) for the metrics, even
+        for a key without token limits."""
+        if isinstance(router, Upstream):
+            router = Router.around(router, settings)
+        self.router = router
         self.policy = policy
         self.limiter = limiter
-        self.api_key = settings.api_key.encode()
+        self.meter = meter
         self.max_body = settings.max_body_bytes
         self.body_timeout = settings.body_timeout
         self.max_header_bytes = settings.max_header_bytes
 
     async def __call__(
-        self, scope: Scope, receive: Receive, send: Send, *, path: str, query: bytes = b""
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        *,
+        path: str,
+        query: bytes = b"",
+        own_api: bool = False,
+        root: bool = False,
     ) -> None:
+        """Relay to ``path``. ``own_api`` (the gateway's ``/models``): an upstream 401/403
+        becomes a 502 saying the gateway's key was refused; ``/v1/*`` relays it as is."""
         info = request_info(scope)
         body = await self.read_request(scope, receive, send, info)
         if body is None:
@@ -72,19 +99,29 @@ class Relay:
                 return
             if ticket is not None:
                 body, send = ticket.body, ticket.wrap(send)
+        try:
+            dispatch = self.router.route(scope["headers"], body, info)
+        except ClientError as exc:  # no upstream serves the model
+            await exc.send(send)
+            if ticket is not None:
+                ticket.finish(info)
+            return
+        # Each upstream adds its own authorization (its key, or credentials from its URL).
         headers = upstream_request_headers(
-            scope["headers"], api_key=self.api_key, request_id=info.request_id
+            scope["headers"], api_key=b"", request_id=info.request_id
         )
-        url = self.upstream.url(path, query)
         method = scope["method"]
 
         async def attempt() -> UpstreamResponse:
             info.attempts += 1
-            return await self.upstream.send(method, url, headers, body)
+            return await dispatch.send(method, path, query, headers, body, root=root)
 
         try:
-            await self.guard(receive, info, lambda: self._exchange(send, attempt, info, ticket))
+            await self.guard(
+                receive, info, lambda: self._exchange(send, attempt, info, ticket, own_api)
+            )
         finally:
+            dispatch.release()  # the response is closed: the upstream's in-flight count ends
             if ticket is not None:
                 ticket.finish(info)
 
@@ -105,11 +142,15 @@ class Relay:
         """The whole request body, or None after answering the client's error (413, 408...)."""
         try:
             check_head(scope, limit=self.max_header_bytes)
-            return await read_body(scope, receive, limit=self.max_body, timeout=self.body_timeout)
+            info.body = await read_body(
+                scope, receive, limit=self.max_body, timeout=self.body_timeout
+            )
+            return info.body
         except ClientError as exc:
             await exc.send(send)
         except ClientDisconnected:
             info.note = "client-disconnected"
+            info.disconnected_at = time.perf_counter()
         return None
 
     async def guard(
@@ -131,6 +172,7 @@ class Relay:
             # ``watching`` is False once ``exchange`` is over: never cancel the task later.
             if watching and not watcher.cancelled() and watcher.exception() is None:
                 disconnected = True
+                info.disconnected_at = time.perf_counter()
                 task.cancel()
 
         watcher = asyncio.ensure_future(wait_disconnect(receive))
@@ -146,7 +188,7 @@ class Relay:
             watcher.cancel()
         if disconnected and not completed:
             info.note = "client-disconnected"
-            log.debug("client disconnected; upstream closed (id=%s)", info.request_id)
+            log.debug("client disconnected; upstream closed (id=%s)", info.id_text)
 
     async def open(
         self, attempt: Callable[[], Awaitable[UpstreamResponse]], info: RequestInfo
@@ -154,10 +196,15 @@ class Relay:
         """``send_with_retry`` with the upstream time recorded; logs and re-raises failures."""
         start = time.perf_counter()
         try:
-            return await send_with_retry(attempt, self.policy)
+            response = await send_with_retry(attempt, self.policy)
+            if not 200 <= response.status <= 599:
+                # 1xx (101 to a client that never asked to upgrade) or not a status at all
+                await response.aclose()
+                raise UpstreamProtocolError(f"upstream answered status {response.status}")
+            return response
         except UpstreamError as exc:
             info.note = exc.code or ""
-            log.warning("upstream failed: %s (id=%s)", exc.message, info.request_id)
+            log.warning("upstream failed: %s (id=%s)", exc.message, info.id_text)
             raise
         finally:
             info.upstream_ms = (time.perf_counter() - start) * 1000
@@ -168,6 +215,7 @@ class Relay:
         attempt: Callable[[], Awaitable[UpstreamResponse]],
         info: RequestInfo,
         ticket: Ticket | None = None,
+        own_api: bool = False,
     ) -> bool:
         """Returns True when the response was sent completely."""
         try:
@@ -175,13 +223,30 @@ class Relay:
         except UpstreamError as exc:
             await exc.send(send)
             return True
+        if response.status in (401, 403):
+            # Never the client's key (it is not forwarded): say so in the access line.
+            info.note = f"upstream-{response.status}:refused-VLLM_API_KEY"
+            if own_api:
+                await response.aclose()
+                await UpstreamAuthRefused.for_status(response.status).send(send)
+                return True
         headers = client_response_headers(response.headers)
+        if not writable(headers):
+            await response.aclose()
+            error = UpstreamProtocolError("upstream sent a header the gateway cannot relay")
+            info.note = error.code or ""
+            log.warning("upstream failed: %s (id=%s)", error.message, info.request_id)
+            await error.send(send)
+            return True
         stream = is_event_stream(headers)
         if not stream:
             headers.append(server_timing(info, time.perf_counter()))
         chunks = response.chunks()
-        if ticket is not None and response.status == 200:
-            chunks = ticket.meter(info, stream=stream).relay(chunks)
+        if response.status == 200:
+            if ticket is not None:
+                chunks = ticket.meter(info, stream=stream).relay(chunks)
+            elif self.meter:
+                chunks = Meter(info, stream=stream, strip=False).relay(chunks)
         try:
             await send(
                 {"type": "http.response.start", "status": response.status, "headers": headers}
@@ -194,7 +259,7 @@ class Relay:
             # The status is already sent: end without completing the body so the server
             # closes the connection and the client sees a cut, not a clean (short) answer.
             info.note = f"cut:{exc.code}"
-            log.warning("upstream failed mid-response: %s (id=%s)", exc.message, info.request_id)
+            log.warning("upstream failed mid-response: %s (id=%s)", exc.message, info.id_text)
             return False
         finally:
             await response.aclose()
@@ -226,5 +291,29 @@ class Passthrough:
         if problem is not None:
             await problem.send(send)
             return
+        if (
+            sub.startswith("/models")
+            and not self.relay.router.single
+            and (sub == "/models" or sub.startswith("/models/"))
+            and scope["method"] in ("GET", "HEAD")
+        ):  # many upstreams: the gateway answers with the union of their lists
+            await send_catalog(self.relay.router, sub, send)
+            return
         path = quote(sub, safe=_PATH_SAFE)
-        await self.relay(scope, receive, send, path=path, query=scope["query_string"])
+        root = sub.rstrip("/") in ROOT_PATHS  # vLLM serves these beside /v1, not under it
+        await self.relay(scope, receive, send, path=path, query=scope["query_string"], root=root)
+
+
+class RootRoute:
+    """The gateway's own ``/tokenize`` and ``/detokenize``: relayed to the upstream's root,
+    where vLLM serves them (``{VLLM_BASE_URL}`` without its ``/v1``)."""
+
+    def __init__(self, relay: Relay, path: str) -> None:
+        self.relay = relay
+        self.path = path
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["method"] != "POST":
+            await MethodNotAllowed(f"use POST {self.path}").send(send, [(b"allow", b"POST")])
+            return
+        await self.relay(scope, receive, send, path=self.path, root=True)

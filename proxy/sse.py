@@ -17,9 +17,16 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from proxy.errors import UpstreamProtocolError
+
 DONE = b"data: [DONE]\n\n"
 
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
+_LINE_END = re.compile(rb"[\r\n]")
+
+# The largest event (or unfinished line) a decoder holds by default: vLLM's largest
+# events (a chunk with top logprobs) are a few KiB.
+MAX_EVENT_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,45 +36,65 @@ class Event:
     id: str | None = None
 
 
+class EventTooLarge(UpstreamProtocolError):
+    """An event (or one line) grew past the decoder's ``max_event_bytes``."""
+
+
 class SSEDecoder:
-    """Feed raw bytes, get complete :class:`Event` s back."""
+    """Feed raw bytes, get complete :class:`Event` s back.
 
-    __slots__ = ("_buffer", "_data", "_event", "_id", "_started")
+    Linear in the bytes fed: each byte is scanned for a line end once, however the
+    stream is cut. An event, or a line not yet ended, larger than ``max_event_bytes``
+    raises :class:`EventTooLarge`, so memory stays bounded by that.
+    """
 
-    def __init__(self) -> None:
-        self._buffer = b""
+    __slots__ = ("_buffer", "_data", "_event", "_id", "_max", "_scan", "_size", "_started")
+
+    def __init__(self, max_event_bytes: int = MAX_EVENT_BYTES) -> None:
+        self._buffer = bytearray()
+        self._scan = 0  # bytes of the buffer before this hold no line end
         self._data: list[str] = []
+        self._size = 0  # bytes of the data lines of the event being built
+        self._max = max_event_bytes
         self._event = ""
         self._id: str | None = None
         self._started = False
 
     def feed(self, chunk: bytes) -> list[Event]:
-        buffer = self._buffer + chunk
-        if not self._started and buffer:
-            if len(buffer) < 3 and b"\xef\xbb\xbf".startswith(buffer):
-                self._buffer = buffer  # maybe the start of a BOM: wait for more
-                return []
+        buffer = self._buffer
+        buffer += chunk
+        if not self._started:
+            if not buffer or (len(buffer) < 3 and b"\xef\xbb\xbf".startswith(buffer)):
+                return []  # maybe the start of a BOM: wait for more
             self._started = True
-            buffer = buffer.removeprefix(b"\xef\xbb\xbf")
+            if buffer.startswith(b"\xef\xbb\xbf"):
+                del buffer[:3]
         events: list[Event] = []
         start = 0
         size = len(buffer)
-        while start < size:
-            cr = buffer.find(b"\r", start)
-            lf = buffer.find(b"\n", start)
-            if cr < 0 and lf < 0:
+        scan = self._scan
+        while True:
+            found = _LINE_END.search(buffer, scan)
+            if found is None:
+                scan = size
                 break
-            if cr >= 0 and (lf < 0 or cr < lf):
-                if cr + 1 == size:
-                    break  # a CR at the end may be half of a CRLF: wait for the next byte
-                end, after = cr, cr + (2 if buffer[cr + 1 : cr + 2] == b"\n" else 1)
+            end = found.start()
+            if buffer[end] == 13:  # CR
+                if end + 1 == size:
+                    scan = end  # a CR at the end may be half of a CRLF: wait for the next byte
+                    break
+                after = end + (2 if buffer[end + 1] == 10 else 1)
             else:
-                end, after = lf, lf + 1
+                after = end + 1
             event = self._line(buffer[start:end].decode("utf-8", "replace"))
             if event is not None:
                 events.append(event)
-            start = after
-        self._buffer = buffer[start:]
+            start = scan = after
+        if start:
+            del buffer[:start]
+        self._scan = scan - start
+        if len(buffer) + self._size > self._max:
+            raise EventTooLarge(f"upstream sent an event larger than {self._max} bytes")
         return events
 
     def _line(self, line: str) -> Event | None:
@@ -80,6 +107,9 @@ class SSEDecoder:
             value = value[1:]
         if name == "data":
             self._data.append(value)
+            self._size += len(value) + 1
+            if self._size > self._max:
+                raise EventTooLarge(f"upstream sent an event larger than {self._max} bytes")
         elif name == "event":
             self._event = value
         elif name == "id" and "\0" not in value:
@@ -88,7 +118,7 @@ class SSEDecoder:
 
     def _dispatch(self) -> Event | None:
         data, event = self._data, self._event
-        self._data, self._event = [], ""
+        self._data, self._event, self._size = [], "", 0
         if not data:
             return None
         return Event("\n".join(data), event or "message", self._id)

@@ -49,7 +49,15 @@ Send = Callable[[Message], Awaitable[None]]
 
 GARBAGE = b"<html>\x00\xff\xfe this is not an event stream }{\r\n\r\nevent\x01: ???\n"
 _YIELD_EVERY = 32  # with no token delay, let other streams run now and then
-_WAITABLE = ("aborted", "completed", "dropped", "requests", "open_streams", "generation_tokens")
+_WAITABLE = (
+    "aborted",
+    "completed",
+    "dropped",
+    "requests",
+    "open_streams",
+    "waiting",
+    "generation_tokens",
+)
 
 
 class SimulatedDrop(Exception):
@@ -166,6 +174,7 @@ class SimApp:
         self.options = options
         self.stats = Stats()
         self.faults = FaultState()
+        self._slots = asyncio.Semaphore(options.max_running) if options.max_running else None
         self.fingerprint = wire.fingerprint(options.models, options.max_model_len)
         self._key = hashlib.sha256(options.api_key.encode()).digest() if options.api_key else None
         self._routes: dict[str, dict[str, Handler]] = {
@@ -303,7 +312,7 @@ class SimApp:
         await send_json(req.send, 200, orjson.dumps({"version": VLLM_VERSION}))
 
     async def _metrics(self, req: Request) -> None:
-        body = self.stats.metrics(self.options.models[0])
+        body = self.stats.metrics(self.options.models[0], self.options.max_running)
         headers = [
             (b"content-length", str(len(body)).encode()),
             (b"content-type", wire.METRICS_TYPE),
@@ -437,6 +446,12 @@ class SimApp:
         plans = self._plans(g, faults)
         prompt_tokens = g.prompt_tokens[0] if chat else sum(g.prompt_tokens)
         delay = faults.token_delay if faults.token_delay is not None else opts.token_delay
+        if self._slots is not None:  # queue like vLLM's scheduler when the batch is full
+            self.stats.queued(1)
+            try:
+                await self._slots.acquire()
+            finally:
+                self.stats.queued(-1)
         watch = Disconnect(req.receive)
         self.stats.started(prompt_tokens)
         outcome = "aborted"
@@ -459,6 +474,8 @@ class SimApp:
             watch.close()
             self.stats.generation_tokens += sent[0]
             self.stats.ended(outcome, [p.finish_reason for p in plans])
+            if self._slots is not None:
+                self._slots.release()
 
     async def _unary(
         self,

@@ -6,6 +6,8 @@ import argparse
 import logging
 from collections.abc import Sequence
 
+from proxy.config import Settings
+
 from .options import SimOptions
 
 
@@ -21,8 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="listen port (default: %(default)s)")
     p.add_argument(
         "--model",
-        default="tiny-llama",
-        help="served model name; several separated by commas, the first is the default "
+        default=f"{Settings().model},tiny-llama",
+        help="served model names, separated by commas; the first is the default (it is the "
+        "gateway's default VLLM_MODEL, so the two work together as they are) "
         "(default: %(default)s)",
     )
     p.add_argument(
@@ -63,6 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="no /v1/embeddings route (404), like a real vLLM serving a generative model",
     )
     p.add_argument(
+        "--max-running",
+        type=int,
+        default=None,
+        metavar="N",
+        help="run at most N generations at once; the rest queue (vllm:num_requests_waiting)",
+    )
+    p.add_argument(
         "--log-level",
         default="info",
         choices=["critical", "error", "warning", "info", "debug", "trace"],
@@ -93,6 +103,7 @@ def parse_options(argv: Sequence[str] | None = None) -> SimOptions:
             log_level=args.log_level,
             access_log=args.access_log,
             embeddings=not args.no_embeddings,
+            max_running=args.max_running,
         )
     except ValueError as exc:
         parser.error(str(exc))

@@ -18,6 +18,8 @@ class SimOptions:
     ``first_token_delay`` the pause before the first one (time to first token).
     ``embeddings`` serves ``/v1/embeddings`` too; a real vLLM serving a generative
     model has no such route (404 ``{"detail":"Not Found"}``), as with ``False``.
+    ``max_running`` caps the generations running at once; the rest wait in a queue,
+    as in vLLM's scheduler, and ``/metrics`` reports them (``num_requests_waiting``).
     """
 
     models: tuple[str, ...] = ("tiny-llama",)
@@ -31,6 +33,7 @@ class SimOptions:
     log_level: str = "info"
     access_log: bool = False
     embeddings: bool = True
+    max_running: int | None = None
 
     def __post_init__(self) -> None:
         if not self.models or any(not m for m in self.models):
@@ -39,5 +42,7 @@ class SimOptions:
             raise ValueError("max_model_len must be at least 2")
         if self.tokens is not None and self.tokens < 1:
             raise ValueError("tokens must be at least 1")
+        if self.max_running is not None and self.max_running < 1:
+            raise ValueError("max_running must be at least 1")
         if self.token_delay < 0 or self.first_token_delay < 0:
             raise ValueError("delays must be non-negative")

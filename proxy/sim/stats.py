@@ -31,6 +31,7 @@ class Stats:
         self.aborted = 0
         self.dropped = 0
         self.open_streams = 0
+        self.waiting = 0
         self.generation_tokens = 0
         self.prompt_tokens = 0
         self.finished: Counter[str] = Counter()
@@ -57,6 +58,11 @@ class Stats:
     def update_body(self, body: bytes) -> None:
         if self.last_request is not None:
             self.last_request["body"] = body
+
+    def queued(self, change: int) -> None:
+        """A generation entered (+1) or left (-1) the queue for a running slot."""
+        self.waiting += change
+        self._notify()
 
     def started(self, prompt_tokens: int) -> None:
         self.open_streams += 1
@@ -103,6 +109,7 @@ class Stats:
             "aborted": self.aborted,
             "dropped": self.dropped,
             "open_streams": self.open_streams,
+            "waiting": self.waiting,
             "generation_tokens": self.generation_tokens,
             "prompt_tokens": self.prompt_tokens,
             "last_request": None
@@ -116,16 +123,21 @@ class Stats:
             "request_ids": list(self.request_ids),
         }
 
-    def metrics(self, model: str) -> bytes:
-        """Prometheus text exposition, with vLLM's metric names."""
+    def metrics(self, model: str, max_running: int | None = None) -> bytes:
+        """Prometheus text exposition, with vLLM's metric names and its real load: running
+        and waiting generations, and a KV-cache use of running / ``max_running`` (or 256)."""
         label = f'engine="0",model_name="{model}"'
+        kv = min(1.0, self.open_streams / (max_running or 256))
         lines = [
             "# HELP vllm:num_requests_running Number of requests in model execution batches.",
             "# TYPE vllm:num_requests_running gauge",
             f"vllm:num_requests_running{{{label}}} {float(self.open_streams)}",
             "# HELP vllm:num_requests_waiting Number of requests waiting to be processed.",
             "# TYPE vllm:num_requests_waiting gauge",
-            f"vllm:num_requests_waiting{{{label}}} 0.0",
+            f"vllm:num_requests_waiting{{{label}}} {float(self.waiting)}",
+            "# HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.",
+            "# TYPE vllm:kv_cache_usage_perc gauge",
+            f"vllm:kv_cache_usage_perc{{{label}}} {kv}",
             "# HELP vllm:prompt_tokens_total Number of prefill tokens processed.",
             "# TYPE vllm:prompt_tokens_total counter",
             f"vllm:prompt_tokens_total{{{label}}} {float(self.prompt_tokens)}",

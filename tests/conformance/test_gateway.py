@@ -330,3 +330,44 @@ def test_gateway_keeps_the_connection_usable(gw: ServerProcess, upstream: Upstre
             assert head.startswith(b"HTTP/1.1 200")
             assert json.loads(rest)["data"][0]["id"] == MODEL
     assert sse_events(b"data: x\n\n") == [b"x"]
+
+
+# Each allowed /v1 path, as a client would call it, and where vLLM serves it.
+_ALLOWED = [
+    ("GET", "/models", None),
+    ("GET", f"/models/{MODEL}", None),
+    ("POST", "/chat/completions", CHAT),
+    ("POST", "/completions", COMPLETION),
+    ("POST", "/embeddings", {"model": MODEL, "input": "hello"}),
+    ("POST", "/responses", {"model": MODEL, "input": "hi", "max_output_tokens": 4}),
+    ("GET", "/responses/resp_missing", None),
+    ("POST", "/score", {"model": MODEL, "text_1": "a", "text_2": "b"}),
+    ("POST", "/rerank", {"model": MODEL, "query": "a", "documents": ["b"]}),
+    ("POST", "/tokenize", {"model": MODEL, "prompt": "hello world"}),
+    ("POST", "/detokenize", {"model": MODEL, "tokens": [1, 2, 3]}),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "body"), _ALLOWED, ids=[p for _, p, _ in _ALLOWED])
+def test_each_allowed_path_reaches_what_the_upstream_serves(
+    gw: ServerProcess, upstream: Upstream, method: str, path: str, body: dict | None
+) -> None:
+    """The gateway's /v1{path} answers what the upstream answers where it serves the path
+    (its root for /tokenize and /detokenize), status and body shape alike."""
+    from proxy.exposure import ROOT_PATHS
+
+    target = (upstream.url if path in ROOT_PATHS else upstream.base_url) + path
+    direct = httpx.request(method, target, json=body, headers=upstream.auth, timeout=60)
+    via = httpx.request(method, gw.url + "/v1" + path, json=body, timeout=60)
+    assert via.status_code == direct.status_code, (via.text, direct.text)
+    if via.headers.get("content-type", "").startswith("application/json"):
+        mine, theirs = via.json(), direct.json()
+        assert type(mine) is type(theirs)
+        if isinstance(mine, dict):
+            assert mine.keys() == theirs.keys()
+    if path in ROOT_PATHS and direct.status_code != 404:
+        # ...and vLLM has no such route under /v1: the old relay always answered 404 here.
+        under_v1 = httpx.request(
+            method, upstream.base_url + path, json=body, headers=upstream.auth, timeout=60
+        )
+        assert under_v1.status_code == 404

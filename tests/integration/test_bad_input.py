@@ -137,11 +137,9 @@ CASES = [
         status=(431, 431),
     ),
     Case("long query string", path=CHAT + b"?q=" + b"a" * 20_000, status=(414, 414)),
+    # past 64 KiB uvicorn's URL parser fails (400); the gateway's protocol refuses it first
     Case(
-        "query string past uvicorn's limit",
-        path=CHAT + b"?q=" + b"a" * 100_000,
-        status=(400, 400),
-        gateway_json=False,
+        "query string past uvicorn's limit", path=CHAT + b"?q=" + b"a" * 100_000, status=(414, 414)
     ),
     # -- framing tricks: uvicorn's parser answers 400 before the app sees them ---------------
     *(
@@ -230,7 +228,7 @@ CASES = [
             (b"/v1", (404, 404)),
             (b"/v1/nope", (404, 404)),
             (b"/v1/metrics", (404, 404)),
-            (b"/metrics", (404, 404)),
+            (b"/version", (404, 404)),  # vLLM root paths are not relayed (/metrics is ours)
             (b"//health/../v1/models", (400, 404)),
             (b"/v1/load_lora_adapter", (403, 403)),
             (b"/v1/unload_lora_adapter/", (403, 403)),

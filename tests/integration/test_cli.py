@@ -59,12 +59,12 @@ def test_help_explains_every_option(tmp_path) -> None:
 def test_env_file_settings_are_used(tmp_path, sim: Sim) -> None:
     port = free_port()
     env_file = tmp_path / "gateway.env"
-    env_file.write_text(f"VLLM_BASE_URL={sim.base_url}\nVLLM_MODEL=from-the-file\n")
+    env_file.write_text(f"VLLM_BASE_URL={sim.base_url}\nVLLM_MODEL=tiny-llama\n")
     args = [sys.executable, "-m", "proxy", "--host", "127.0.0.1", "--port", str(port)]
     env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_")}
     with ServerProcess([*args, "--env-file", str(env_file)], port=port, env=env) as gw:
         body = httpx.get(gw.url + "/health", timeout=10).json()
-        assert body["model"] == "from-the-file"
+        assert body["model"] == "tiny-llama"
         assert body["vllm_available"] is True
 
 

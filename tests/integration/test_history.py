@@ -19,6 +19,7 @@ from httpx_sse import connect_sse
 from tests.integration.conftest import GATEWAY_ENV, MODEL, Sim
 from tests.support.redis import RedisServer
 from tests.support.servers import ServerProcess, gateway_server, sim_server
+from tests.support.wsclient import chat_socket, collect, send, text_of
 
 A, B = "team-a-secret", "team-b-secret"
 
@@ -180,6 +181,40 @@ def test_an_answer_cut_short_is_not_stored(gw: ServerProcess, clean_sim: Sim) ->
     assert [m["content"] for m in stored["messages"] if m["role"] == "user"] == ["Start."]
     # and the conversation is free again
     assert turn(gw, "Again.", conversation_id=cid).status_code == 200
+
+
+def test_chat_ws_holds_the_same_conversations(gw: ServerProcess, clean_sim: Sim) -> None:
+    """/chat/ws runs turns through the same core: store, continue, 409 in-band."""
+    with chat_socket(gw.url, None) as ws:
+        send(
+            ws,
+            type="chat",
+            id=1,
+            messages=[{"role": "user", "content": "Hi, I am Bo."}],
+            max_tokens=5,
+            store=True,
+        )
+        got = collect(ws, {1})[1]
+        done = got[-1]
+        assert done["type"] == "done", got
+        cid = done["conversation_id"]
+        send(
+            ws,
+            type="chat",
+            id=2,
+            messages=[{"role": "user", "content": "Who am I?"}],
+            max_tokens=5,
+            conversation_id=cid,
+        )
+        assert collect(ws, {2})[2][-1]["conversation_id"] == cid
+    assert last_messages(clean_sim)[:2] == [
+        {"role": "user", "content": "Hi, I am Bo."},
+        {"role": "assistant", "content": text_of(got)},
+    ]
+    # and POST /chat continues what the socket started
+    assert turn(gw, "Still me.", conversation_id=cid).status_code == 200
+    stored = httpx.get(f"{gw.url}/conversations/{cid}", timeout=10).json()
+    assert stored["message_count"] == 6
 
 
 # ---- the conversations API ---------------------------------------------------------------

@@ -47,7 +47,7 @@ def test_app_and_function_are_declared() -> None:
     defaults = modal_app.ModalOptions()
     assert declared["max_concurrent_inputs"] == defaults.max_inputs
     assert declared["target_concurrent_inputs_int"] == defaults.target_inputs
-    assert declared["min_containers"] == defaults.min_containers
+    assert declared["min_containers"] == defaults.min_containers == 0  # scale to zero
     assert declared["max_containers"] == defaults.max_containers
     assert declared["timeout"] == defaults.timeout
     assert declared["scaledown_window"] == defaults.scaledown_window
@@ -87,6 +87,9 @@ def test_scaling_knobs_come_from_the_deploying_environment() -> None:
         ({"VLLM_WRAPPER_MODAL_MAX_INPUTS": "many"}, "VLLM_WRAPPER_MODAL_MAX_INPUTS='many'"),
         ({"VLLM_WRAPPER_MODAL_TIMEOUT": "0"}, "VLLM_WRAPPER_MODAL_TIMEOUT='0'"),
         ({"VLLM_WRAPPER_MODAL_MIN_CONTAINERS": "20"}, "VLLM_WRAPPER_MODAL_MIN_CONTAINERS"),
+        ({"VLLM_WRAPPER_MODAL_MIN_CONTAINERS": "-1"}, "VLLM_WRAPPER_MODAL_MIN_CONTAINERS='-1'"),
+        ({"VLLM_WRAPPER_MODAL_MIN_CONTAINERS": "one"}, "VLLM_WRAPPER_MODAL_MIN_CONTAINERS='one'"),
+        ({"VLLM_WRAPPER_MODAL_MAX_CONTAINERS": "0"}, "VLLM_WRAPPER_MODAL_MAX_CONTAINERS='0'"),
     ],
 )
 def test_a_bad_knob_stops_with_one_line(env: dict[str, str], names: str) -> None:

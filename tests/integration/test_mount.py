@@ -22,6 +22,7 @@ import proxy
 from tests.integration.conftest import CHAT_BODY, GATEWAY_ENV, KEY, MODEL, Sim
 from tests.support.servers import ServerProcess, free_port
 from tests.support.streams import check_disconnect_aborts, check_streams_incrementally
+from tests.support.wsclient import chat_socket, collect, next_message, send
 
 AUTH = {"Authorization": f"Bearer {KEY}"}
 LAZY_WARNING = "opened outside the lifespan"
@@ -144,3 +145,21 @@ def test_without_the_host_lifespan_the_pool_opens_lazily_with_a_warning(
             assert not gateway.state.upstream.is_open
             assert client.get("/llm/health").json()["vllm_available"] is True
     assert LAZY_WARNING in caplog.text
+
+
+def test_index_under_the_prefix_links_below_it(host: ServerProcess) -> None:
+    r = httpx.get(host.url + "/llm/", timeout=10)  # public, like /health
+    assert r.status_code == 200
+    links = r.json()["links"]
+    assert links["docs"] == "/llm/docs" and links["health"] == "/llm/health"
+    assert httpx.get(host.url + links["health"], timeout=10).status_code == 200
+
+
+def test_chat_websocket_through_the_mount(host: ServerProcess, clean_sim: Sim) -> None:
+    clean_sim.faults(stall_after_chunks=3, stall_seconds=10)
+    with chat_socket(host.url + "/llm", KEY) as ws:
+        send(ws, type="chat", id=1, messages=[{"role": "user", "content": "hi"}], max_tokens=99)
+        assert next_message(ws)["type"] == "delta"
+        send(ws, type="cancel", id=1)
+        assert collect(ws, {1})[1][-1]["finish_reason"] == "cancelled"
+    assert clean_sim.wait_aborted(1)["aborted"] == 1

@@ -242,3 +242,17 @@ def test_body_over_the_limit_gets_413_and_is_not_forwarded(sim: Sim) -> None:
         assert sim.stats()["requests"] == 0
         ok = httpx.post(gw.url + "/v1/chat/completions", json=CHAT, timeout=10)
         assert ok.status_code == 200
+
+
+def test_tokenize_reaches_the_upstreams_root(gateway, clean_sim) -> None:
+    """vLLM serves /tokenize beside /v1, not under it: both gateway paths get there."""
+    import httpx
+
+    body = {"model": "tiny-llama", "prompt": "Hello world"}
+    direct = httpx.post(clean_sim.url + "/tokenize", json=body, timeout=10)
+    assert direct.status_code == 200
+    for path in ("/tokenize", "/v1/tokenize"):
+        r = httpx.post(gateway.url + path, json=body, timeout=10)
+        assert r.status_code == 200, (path, r.text)
+        assert r.json() == direct.json()
+    assert httpx.get(gateway.url + "/tokenize", timeout=10).status_code == 405

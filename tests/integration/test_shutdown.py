@@ -81,6 +81,9 @@ def test_stream_longer_than_the_grace_period_is_cut_and_aborted(sim: Sim) -> Non
         assert gw.proc is not None and gw.proc.wait(10) in CLEAN_EXIT
         log = gw.log_text()
         assert "timeout graceful shutdown exceeded" in log
+        # one line for the cancelled request, not a CancelledError traceback
+        assert "request cancelled: the shutdown grace period" in log
+        assert "Traceback" not in log and "CancelledError" not in log
         # The cut request still finished before the pool closed: it has its log line.
         assert "POST /v1/chat/completions 200" in log
 
@@ -132,3 +135,49 @@ def test_lifespan_shutdown_waits_for_requests_in_flight(sim: Sim) -> None:
 
     assert b"".join(asyncio.run(main())).endswith(b"data: [DONE]\n\n")
     assert sim.stats()["completed"] == 1
+
+
+def test_second_ctrl_c_stops_at_once_without_tracebacks(sim: Sim) -> None:
+    """Ctrl-C waits for streams in flight; a second Ctrl-C cuts them and exits now."""
+    env = {**GATEWAY_ENV, "VLLM_WRAPPER_GRACEFUL_TIMEOUT": "300"}
+    with gateway_server(sim.base_url, env=env) as gw:
+        sim.reset()
+        body = dict(CHAT_BODY, stream=True, max_tokens=3000)
+        headers = {"x-sim-token-delay": "0.05"}  # 150 s of tokens: longer than the test
+        with httpx.Client(timeout=60) as client:
+            with client.stream("POST", gw.url + URL, json=body, headers=headers) as r:
+                chunks = r.iter_raw()
+                received = next(chunks)
+                gw.send_signal(signal.SIGINT)
+                _wait_for_log(gw, "Waiting for connections to close")
+                gw.send_signal(signal.SIGINT)
+                with pytest.raises(httpx.RemoteProtocolError):
+                    for chunk in chunks:
+                        received += chunk
+        assert b"[DONE]" not in received
+        # Far inside the 300 s grace period: the second signal did not wait for it.
+        assert gw.proc is not None and gw.proc.wait(30) in (0, -signal.SIGINT)
+        assert sim.wait_aborted(1, timeout=10)["aborted"] == 1
+        log = gw.log_text()
+        assert "second stop signal: stopping now" in log
+        assert "Traceback" not in log and "CancelledError" not in log, log
+
+
+def test_designed_cut_logs_one_gateway_line(sim: Sim) -> None:
+    """An upstream that dies mid-stream: the gateway names the cause, uvicorn stays quiet."""
+    from tests.support.rawupstream import RawUpstream
+
+    with (
+        RawUpstream("reset_after") as upstream,
+        gateway_server(upstream.base_url, env=GATEWAY_ENV) as gw,
+    ):
+        body = dict(CHAT_BODY, stream=True)
+        with httpx.Client(timeout=30) as client:
+            with pytest.raises(httpx.RemoteProtocolError):
+                with client.stream("POST", gw.url + URL, json=body) as r:
+                    for _ in r.iter_raw():
+                        pass
+        _wait_for_log(gw, "upstream failed mid-response")
+        log = gw.log_text()
+        assert "ASGI callable returned without completing response" not in log
+        assert log.count("upstream failed mid-response") == 1

@@ -28,7 +28,8 @@ pytestmark = pytest.mark.timeout(60)
 
 @pytest.fixture(scope="module")
 def sim() -> Iterator[ServerProcess]:
-    with sim_server("--max-model-len", "512") as server:
+    # the recordings were made against a vLLM serving only tiny-llama
+    with sim_server("--max-model-len", "512", "--model", "tiny-llama") as server:
         yield server
 
 

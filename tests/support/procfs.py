@@ -47,3 +47,20 @@ def connections_to(pid: int, port: int) -> int:
             if remote_port == port and fields[9] in inodes:
                 count += 1
     return count
+
+
+def children(pid: int, *, cmdline_has: str = "spawn_main") -> list[int]:
+    """Direct children of ``pid`` whose command line contains ``cmdline_has`` (by default
+    the worker processes multiprocessing starts, e.g. uvicorn's ``--workers``)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(stat[1]) == pid and cmdline_has.encode() in cmdline:
+            found.append(int(entry))
+    return sorted(found)

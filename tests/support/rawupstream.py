@@ -6,7 +6,10 @@ receives whole, does what ``mode`` says:
 - ``silent``: never answers (the gateway's read timeout fires);
 - ``reset``: resets the connection (TCP RST) before any response byte;
 - ``reset_after``: sends 200 ``text/event-stream`` headers and ``chunks`` SSE
-  events, then resets the connection.
+  events, then resets the connection;
+- ``script``: calls ``script(conn, request, n)`` with the raw request (head and body)
+  and its number on this connection; it writes what it likes and returns whether to
+  keep the connection for the next request.
 
 ``receipts`` counts the requests received whole: what "reached the upstream".
 :func:`full_backlog_port` gives a port whose accept queue is full, so a new
@@ -18,8 +21,10 @@ from __future__ import annotations
 import socket
 import struct
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+
+from tests.support.rawclient import read_message
 
 
 def _reset(conn: socket.socket) -> None:
@@ -28,32 +33,22 @@ def _reset(conn: socket.socket) -> None:
     conn.close()
 
 
-def _read_request(conn: socket.socket) -> bool:
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = conn.recv(65536)
-        if not chunk:
-            return False
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    length = 0
-    for line in head.split(b"\r\n")[1:]:
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            length = int(value)
-    while len(body) < length:
-        chunk = conn.recv(65536)
-        if not chunk:
-            return False
-        body += chunk
-    return True
+Script = Callable[[socket.socket, bytes, int], bool]
+
+
+def _read_request(conn: socket.socket) -> bytes | None:
+    """One whole request (head and Content-Length body), or None at end of stream."""
+    message = read_message(conn)
+    return None if message is None else message[0] + b"\r\n\r\n" + message[1]
 
 
 class RawUpstream:
-    def __init__(self, mode: str, *, chunks: int = 2) -> None:
+    def __init__(self, mode: str, *, chunks: int = 2, script: Script | None = None) -> None:
         self.mode = mode
         self.chunks = chunks
+        self.script = script
         self.receipts = 0
+        self.requests: list[bytes] = []
         self._lock = threading.Lock()
         self._server = socket.socket()
         self._server.bind(("127.0.0.1", 0))
@@ -81,9 +76,18 @@ class RawUpstream:
     def _handle(self, conn: socket.socket) -> None:
         conn.settimeout(30)
         try:
-            while _read_request(conn):
+            n = 0
+            while (request := _read_request(conn)) is not None:
                 with self._lock:
                     self.receipts += 1
+                    self.requests.append(request)
+                if self.mode == "script":
+                    assert self.script is not None
+                    if not self.script(conn, request, n):
+                        conn.close()
+                        return
+                    n += 1
+                    continue
                 if self.mode == "silent":
                     self._stop.wait(60)
                     return

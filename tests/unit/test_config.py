@@ -132,3 +132,66 @@ def test_parse_env_file(text: str, expected: dict[str, str]) -> None:
 )
 def test_redact_url(url: str, shown: str) -> None:
     assert redact_url(url) == shown
+
+
+# ---- issue 13: settings that used to pass silently ---------------------------------------
+
+from proxy.config import ENV_VARS, unknown_variables  # noqa: E402
+
+
+@pytest.mark.parametrize("var", ["VLLM_WRAPPER_API_KEY", "VLLM_API_KEY"])
+@pytest.mark.parametrize("blank", [" ", "\t", "   \n"])
+def test_blank_key_is_an_error(var: str, blank: str) -> None:
+    with pytest.raises(ConfigError, match=f"{var} is blank"):
+        Settings.from_env({var: blank}, env_file="")
+
+
+def test_empty_key_still_means_none() -> None:
+    assert Settings.from_env({"VLLM_WRAPPER_API_KEY": ""}, env_file="").wrapper_api_key == ""
+
+
+def test_named_env_file_must_exist(tmp_path) -> None:
+    missing = tmp_path / "missing.env"
+    with pytest.raises(ConfigError, match="not found"):
+        Settings.from_env({}, env_file=missing)
+    with pytest.raises(ConfigError, match="not found"):
+        Settings.from_env({"VLLM_WRAPPER_ENV_FILE": str(missing)})
+
+
+def test_env_file_read_is_recorded(tmp_path) -> None:
+    f = tmp_path / "x.env"
+    f.write_text("VLLM_MODEL=m\n")
+    assert Settings.from_env({}, env_file=f).env_file == str(f)
+    assert Settings.from_env({}, env_file="").env_file == ""
+
+
+@pytest.mark.parametrize(
+    ("name", "warning"),
+    [
+        ("VLLM_WRAPER_API_KEY", "did you mean VLLM_WRAPPER_API_KEY?"),
+        ("VLLM_TIMOUT", "did you mean VLLM_TIMEOUT?"),
+        ("VLLM_WRAPPER_NOPE_NOPE_NOPE", "ignored (python -m proxy --help lists them)"),
+        ("VLLM_RPC_TIMEOUT", None),  # vLLM's own
+        ("VLLM_WRAPPER_MODAL_CPU", None),  # modal_app.py's
+        ("VLLM_WRAPPER_ENV_FILE", None),
+        ("VLLM_MODEL", None),
+        ("HOME", None),
+    ],
+)
+def test_unknown_variables(name: str, warning: str | None) -> None:
+    warnings = unknown_variables({name: "1"})
+    if warning is None:
+        assert warnings == []
+    else:
+        (line,) = warnings
+        assert line.startswith(f"unknown setting {name} ignored") and line.endswith(warning)
+
+
+def test_every_variable_has_a_meaning_and_a_default() -> None:
+    for var, spec in ENV_VARS.items():
+        assert spec.meaning, var
+        assert spec.default_text(), var
+    assert ENV_VARS["VLLM_WRAPPER_PORT"].default_text() == "8001"
+    assert ENV_VARS["VLLM_TIMEOUT"].default_text() == "60"
+    assert ENV_VARS["VLLM_WRAPPER_API_KEY"].default_text() == "empty"
+    assert ENV_VARS["VLLM_WRAPPER_DOCS"].default_text() == "true"

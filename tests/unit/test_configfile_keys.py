@@ -110,5 +110,5 @@ def test_cli_refuses_a_bad_file_with_one_line(tmp_path: Path) -> None:
     )
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
-        f"error: invalid configuration {path}: keys[0].rpm: expected an integer >= 1, got 0"
+        f"error: invalid configuration file: {path}: keys[0].rpm: expected an integer >= 1, got 0"
     ]

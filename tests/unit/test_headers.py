@@ -8,6 +8,7 @@ from proxy.headers import (
     request_id_from,
     strip_headers,
     upstream_request_headers,
+    writable,
 )
 
 
@@ -87,3 +88,19 @@ def test_request_id_accepted_only_when_sane(given: bytes, kept: bool) -> None:
 
 def test_request_id_generated_when_absent_and_unique() -> None:
     assert request_id_from([]) != request_id_from([])
+
+
+@pytest.mark.parametrize(
+    ("headers", "ok"),
+    [
+        ([], True),
+        ([(b"content-type", b"application/json"), (b"x-a", b"tab\tinside")], True),
+        ([(b"x-bad", b"a\x01b")], False),
+        ([(b"x-bad", b"a\nb")], False),
+        ([(b"x-bad", b"a\x7f")], False),
+        ([(b"bad name", b"v")], False),
+        ([(b"bad:name", b"v")], False),
+    ],
+)
+def test_writable(headers: list[tuple[bytes, bytes]], ok: bool) -> None:
+    assert writable(headers) is ok

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.sse import DONE, Event, SSEDecoder, encode_data, normalize_newlines
+from proxy.sse import DONE, Event, EventTooLarge, SSEDecoder, encode_data, normalize_newlines
 
 
 def feed_all(pieces: list[bytes]) -> list[Event]:
@@ -89,3 +89,25 @@ def test_round_trip_any_text_any_split(chunks: list[str], data: st.DataObject) -
     assert [e.data for e in events] == [*(normalize_newlines(t) for t in chunks), "[DONE]"]
     # and byte by byte
     assert feed_all([raw[i : i + 1] for i in range(len(raw))]) == events
+
+
+def test_a_line_that_never_ends_is_refused_past_the_limit() -> None:
+    decoder = SSEDecoder(max_event_bytes=1000)
+    decoder.feed(b"data: " + b"x" * 900)
+    with pytest.raises(EventTooLarge):
+        decoder.feed(b"x" * 200)
+
+
+def test_an_event_of_many_lines_is_refused_past_the_limit() -> None:
+    decoder = SSEDecoder(max_event_bytes=1000)
+    with pytest.raises(EventTooLarge):
+        for _ in range(100):
+            decoder.feed(b"data: " + b"y" * 50 + b"\n")
+
+
+def test_events_under_the_limit_pass_however_they_are_cut() -> None:
+    event = b"data: " + b"z" * 900 + b"\r\n\r\n"
+    for pieces in splits(event * 3, step=97):
+        decoder = SSEDecoder(max_event_bytes=1000)
+        events = [e for piece in pieces for e in decoder.feed(piece)]
+        assert [e.data for e in events] == ["z" * 900] * 3
