@@ -37,8 +37,8 @@ def write_config(tmp_path: Path, *sections: str) -> str:
     return str(path)
 
 
-def start(upstream: str, config: str, env: dict | None = None) -> ServerProcess:
-    return gateway_server(upstream, "--config", config, env={**GATEWAY_ENV, **(env or {})}).start()
+def start(upstream: str, config: str, *extra: str) -> ServerProcess:
+    return gateway_server(upstream, "--config", config, *extra, env=GATEWAY_ENV).start()
 
 
 def turn(
@@ -421,6 +421,44 @@ def test_history_survives_a_restart_in_sqlite(sim: Sim, clean_sim: Sim, tmp_path
         {"role": "user", "content": "Before the restart."},
         {"role": "assistant", "content": first.json()["content"]},
     ]
+
+
+def test_workers_share_history_through_the_sqlite_file(
+    sim: Sim, clean_sim: Sim, tmp_path: Path
+) -> None:
+    """With --workers 2 a turn lands on either worker (a new connection each time)."""
+    with start(sim.base_url, write_config(tmp_path), "--workers", "2") as gw:
+        cid = turn(gw, "Turn 0.", store=True).json()["conversation_id"]
+        for i in range(1, 6):
+            r = turn(gw, f"Turn {i}.", conversation_id=cid)
+            assert r.status_code == 200, r.text
+            users = [m["content"] for m in last_messages(clean_sim) if m["role"] == "user"]
+            assert users == [f"Turn {n}." for n in range(i + 1)]
+
+
+def test_retention_expires_conversations_and_bounds_their_messages(
+    sim: Sim, clean_sim: Sim, tmp_path: Path
+) -> None:
+    config = write_config(tmp_path, "[history]\nttl_days = 0.00005\nmax_messages = 5\n")  # 4.3 s
+    with start(sim.base_url, config) as gw:
+        system = {"role": "system", "content": "Be brief."}
+        conv = httpx.post(gw.url + "/conversations", json={"messages": [system]}).json()
+        for i in range(4):
+            assert turn(gw, f"Turn {i}.", conversation_id=conv["id"]).status_code == 200
+        stored = httpx.get(f"{gw.url}/conversations/{conv['id']}", timeout=10).json()
+        assert stored["messages"][0] == system  # the system message stays...
+        assert [m["content"] for m in stored["messages"] if m["role"] == "user"] == [
+            "Turn 2.",
+            "Turn 3.",
+        ]  # ...and whole oldest turns go beyond max_messages
+        deadline = time.monotonic() + 30
+        status = 200
+        while status == 200 and time.monotonic() < deadline:
+            time.sleep(0.5)
+            status = httpx.get(f"{gw.url}/conversations/{conv['id']}", timeout=10).status_code
+        assert status == 404
+        listed = httpx.get(gw.url + "/conversations", timeout=10).json()
+        assert conv["id"] not in [c["id"] for c in listed["data"]]
 
 
 # ---- trimming ----------------------------------------------------------------------------
