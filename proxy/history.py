@@ -227,6 +227,8 @@ class Fitter:
         fit ``max_model_len``; and how many stored messages it dropped."""
         options = candidates(stored, new)
         full = len(options[0])
+        if len(options) == 1:  # nothing stored that could be dropped
+            return options[0], 0
         limit = await self.max_model_len(model)  # cached: no round trip per turn
         if limit is None:
             return options[0], 0
