@@ -107,16 +107,16 @@ def test_known_traffic_gives_exact_counts(gw: ServerProcess, sim: Sim) -> None:
         return after.value(name, **labels) - before.value(name, **labels)
 
     req = "vllm_wrapper_requests_total"
-    ok = {"route": ROUTE, "method": "POST", "status": "200", "key": "default"}
+    ok = {"route": ROUTE, "method": "POST", "status": "200", "key": "env-1"}
     # 3 whole + 2 streams
     assert delta(req, **ok, model="tiny-llama") == 5
     # the cut stream and the one whose client left (their 200 was sent) were for MODEL
     assert delta(req, **ok, model=MODEL) == 2
     assert delta(req, route=ROUTE, method="POST", status="401", model="none", key="invalid") == 1
-    assert delta(req, route="/v1/*", method="GET", status="404", model="none", key="default") == 1
-    assert delta(req, route=ROUTE, method="POST", status="500", model=MODEL, key="default") == 1
-    assert delta(req, route=ROUTE, method="POST", status="404", model="other", key="default") == 1
-    chat = {"route": "/chat", "method": "POST", "status": "200", "model": MODEL, "key": "default"}
+    assert delta(req, route="/v1/*", method="GET", status="404", model="none", key="env-1") == 1
+    assert delta(req, route=ROUTE, method="POST", status="500", model=MODEL, key="env-1") == 1
+    assert delta(req, route=ROUTE, method="POST", status="404", model="other", key="env-1") == 1
+    chat = {"route": "/chat", "method": "POST", "status": "200", "model": MODEL, "key": "env-1"}
     assert delta(req, **chat) == 3
 
     # histograms count the same requests
@@ -159,8 +159,8 @@ def test_known_traffic_gives_exact_counts(gw: ServerProcess, sim: Sim) -> None:
     tokens = "vllm_wrapper_tokens_total"
     prompt = usage["prompt_tokens"] + stream_usage["prompt_tokens"]
     completion = usage["completion_tokens"] + stream_usage["completion_tokens"]
-    assert delta(tokens, model=MODEL, key="default", kind="prompt") == prompt
-    assert delta(tokens, model=MODEL, key="default", kind="completion") == completion
+    assert delta(tokens, model=MODEL, key="env-1", kind="prompt") == prompt
+    assert delta(tokens, model=MODEL, key="env-1", kind="completion") == completion
     # nothing in flight but the scrape itself
     assert after.total("vllm_wrapper_inflight_requests") == 1
 
@@ -179,7 +179,7 @@ def test_access_log_names_key_and_model(gw: ServerProcess) -> None:
     while time.monotonic() < deadline and not line:
         line = next((ln for ln in gw.log_text().splitlines() if rid in ln), "")
         time.sleep(0.05)
-    assert " key=default model=tiny-llama " in line, line
+    assert " key=env-1 model=tiny-llama " in line, line
     assert KEY not in gw.log_text()
 
 
@@ -219,7 +219,7 @@ def test_labels_stay_bounded_whatever_clients_send(gw: ServerProcess) -> None:
     assert second.series() == first.series()
     req = "vllm_wrapper_requests_total"
     assert second.label_values(req, "model") <= {MODEL, "tiny-llama", "other", "none"}
-    assert second.label_values(req, "key") <= {"default", "invalid", "anonymous"}
+    assert second.label_values(req, "key") <= {"env-1", "invalid", "anonymous"}
     assert second.label_values(req, "method") <= {
         "GET",
         "POST",
