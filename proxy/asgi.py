@@ -21,8 +21,10 @@ def route_path(scope: Scope) -> str:
     return path
 
 
-def add_headers(send: Send, extra: list[tuple[bytes, bytes]]) -> Send:
+def with_headers(send: Send, extra: list[tuple[bytes, bytes]]) -> Send:
     """``send`` that appends ``extra`` to the response start's headers."""
+    if not extra:
+        return send
 
     async def send_with_headers(message: Message) -> None:
         if message["type"] == "http.response.start":

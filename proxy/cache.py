@@ -40,7 +40,7 @@ from typing import Any
 import orjson
 
 from proxy.accesslog import RequestInfo, request_info
-from proxy.asgi import Message, Receive, Scope, Send, add_headers
+from proxy.asgi import Message, Receive, Scope, Send, with_headers
 from proxy.errors import GatewayError
 from proxy.headers import HeaderList, get_header
 from proxy.state import State, StateUnavailable
@@ -373,7 +373,7 @@ class Responses:
             info.cache = result
         extra = [(b"x-cache", result.encode())] if result is not None else []
         if key is None and claim is None:
-            await run(add_headers(send, extra) if extra else send)
+            await run(with_headers(send, extra))
             return
         recorder = Recorder(send, self.spec.max_entry_bytes, extra)
         await run(recorder)

@@ -53,6 +53,7 @@ from proxy.errors import (
     upstream_error,
 )
 from proxy.headers import HeaderList, upstream_request_headers
+from proxy.history import Conversation, History, wants_history
 from proxy.limits import Ticket
 from proxy.passthrough import Relay
 from proxy.routing.router import Dispatch
@@ -219,7 +220,7 @@ class Delta:
 class Done:
     """The answer is complete: its whole text, usage, finish reason and model."""
 
-    __slots__ = ("content", "finish_reason", "model", "usage")
+    __slots__ = ("content", "conversation_id", "finish_reason", "model", "usage")
 
     def __init__(
         self, content: str, usage: dict[str, int], finish_reason: str | None, model: str
@@ -228,19 +229,27 @@ class Done:
         self.usage = usage
         self.finish_reason = finish_reason
         self.model = model
+        self.conversation_id: str | None = None  # set when the turn is stored
 
     def answer(self) -> dict[str, Any]:
         """The whole ``/chat`` answer."""
-        return {
+        out = {
             "content": self.content,
             "model": self.model,
             "usage": self.usage,
             "finish_reason": self.finish_reason,
         }
+        return self._with_conversation(out)
 
     def summary(self) -> dict[str, Any]:
         """Usage, finish reason and model: what ends a stream."""
-        return {**self.usage, "finish_reason": self.finish_reason, "model": self.model}
+        out = {**self.usage, "finish_reason": self.finish_reason, "model": self.model}
+        return self._with_conversation(out)
+
+    def _with_conversation(self, out: dict[str, Any]) -> dict[str, Any]:
+        if self.conversation_id is not None:
+            out["conversation_id"] = self.conversation_id
+        return out
 
 
 class Failed:
@@ -271,7 +280,17 @@ class Admitted:
         self.ticket = ticket
 
 
-ChatEvent = Admitted | Started | Delta | Done | Failed
+class InConversation:
+    """The turn belongs to a stored conversation: the HTTP transport sends its id in the
+    ``x-conversation-id`` header (a WebSocket gets it in its ``done`` event)."""
+
+    __slots__ = ("conversation",)
+
+    def __init__(self, conversation: Conversation) -> None:
+        self.conversation = conversation
+
+
+ChatEvent = Admitted | InConversation | Started | Delta | Done | Failed
 
 
 class ChatCore:
@@ -286,9 +305,10 @@ class ChatCore:
     the upstream response at once, which makes vLLM abort the generation.
     """
 
-    def __init__(self, relay: Relay, settings: Settings) -> None:
+    def __init__(self, relay: Relay, settings: Settings, history: History | None = None) -> None:
         self.relay = relay
         self.settings = settings
+        self.history = history
 
     def parse(self, body: bytes, headers: HeaderList = ()) -> Turn:
         """Validate a ``/chat`` body. Raises :class:`InvalidChat` (400) naming the field.
@@ -306,6 +326,36 @@ class ChatCore:
 
     async def run(self, turn: Turn, info: RequestInfo) -> AsyncIterator[ChatEvent]:
         """The events of one turn; always ends with a :class:`Done` or a :class:`Failed`.
+
+        With ``conversation_id`` or ``store`` the conversation is locked and loaded first
+        (:mod:`proxy.history`), stored when the answer is :class:`Done` and unlocked
+        before that last event goes out.
+        """
+        if self.history is None or not wants_history(turn.payload):
+            async for event in self._run(turn, info):
+                yield event
+            return
+        try:
+            convo = await self.history.begin(turn.payload, info.key, info.request_id)
+        except GatewayError as exc:
+            yield Failed.of(exc)
+            return
+        try:
+            if convo is not None:
+                yield InConversation(convo)
+            async with aclosing(self._run(turn, info)) as events:
+                async for event in events:
+                    if convo is not None and isinstance(event, Done):
+                        event.conversation_id = await convo.commit(event.content)
+                    elif convo is not None and isinstance(event, Failed):
+                        await convo.release()
+                    yield event
+        finally:
+            if convo is not None:
+                await convo.release()
+
+    async def _run(self, turn: Turn, info: RequestInfo) -> AsyncIterator[ChatEvent]:
+        """:meth:`run` without history.
 
         The caller's key is admitted first (its models and limits; an :class:`Admitted`
         event carries the ticket), then the model routed to an upstream; the ticket is
@@ -459,6 +509,8 @@ class Chat:
             async for event in events:
                 if isinstance(event, Admitted):
                     send = event.ticket.wrap(send)  # x-ratelimit-* on the response
+                elif isinstance(event, InConversation):
+                    send = event.conversation.wrap(send)  # x-conversation-id
                 elif isinstance(event, Delta):
                     await send(
                         {

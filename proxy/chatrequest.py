@@ -49,7 +49,8 @@ def _too_deep(value: Any, limit: int) -> bool:
     return False
 
 
-def _check_messages(messages: Any) -> None:
+def check_messages(messages: Any) -> None:
+    """Raise :class:`InvalidChat` unless ``messages`` is a non-empty list of {role, content}."""
     if messages is None:
         raise _fail("messages", "'messages' is required", "missing_required_parameter")
     if not isinstance(messages, list):
@@ -97,7 +98,7 @@ def parse_chat(body: bytes, settings: Settings) -> tuple[dict[str, Any], bool]:
 
 def chat_payload(data: dict[str, Any], settings: Settings) -> tuple[dict[str, Any], bool]:
     """:func:`parse_chat` on an already decoded object (a ``/chat/ws`` message's fields)."""
-    _check_messages(data.get("messages"))
+    check_messages(data.get("messages"))
 
     model = data.get("model")
     if model is not None and (not isinstance(model, str) or not model):

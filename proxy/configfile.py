@@ -33,6 +33,7 @@ from typing import Any, TypeVar
 
 from proxy.cache import CacheSpec
 from proxy.config import ConfigError, check_url, redact_url, url_has_credentials
+from proxy.history import HistorySpec
 from proxy.keys import LIMIT_NAMES, NAME, KeySpec, LimitSpec, LimitsSpec, digest
 from proxy.state import StateSpec
 
@@ -270,6 +271,7 @@ class FileConfig:
     routing: RoutingSpec | None = None
     metrics: MetricsSpec = MetricsSpec()
     cache: CacheSpec | None = None
+    history: HistorySpec | None = None
 
 
 SectionParser = Callable[[Any], Any]
@@ -528,11 +530,27 @@ def parse_cache(t: Table) -> CacheSpec:
     return spec
 
 
+_HISTORY = HistorySpec()
+
+
+def parse_history(t: Table) -> HistorySpec:
+    """``[history]``: path (SQLite), ttl_days, max_messages, lock_seconds."""
+    spec = HistorySpec(
+        path=t.str("path", _HISTORY.path),
+        ttl_days=t.float("ttl_days", _HISTORY.ttl_days, lo=0.0, open_lo=True, hi=3650.0),
+        max_messages=t.int("max_messages", _HISTORY.max_messages, lo=2, hi=100_000),
+        lock_seconds=t.float("lock_seconds", _HISTORY.lock_seconds, lo=1.0, hi=3600.0),
+    )
+    t.done()
+    return spec
+
+
 SECTIONS.update(
     {
         "keys": ("keys", parse_keys, "array"),
         "limits": ("limits", parse_limits, "table"),
         "state": ("state", parse_state, "table"),
         "cache": ("cache", parse_cache, "table"),
+        "history": ("history", parse_history, "table"),
     }
 )

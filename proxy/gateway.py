@@ -37,10 +37,12 @@ from proxy.cache import CacheSpec, ChatCache, ResponseCache, Responses
 from proxy.chat import Chat, ChatCore
 from proxy.config import Settings
 from proxy.configfile import FileConfig, load
+from proxy.conversations import Conversations
 from proxy.docs import ASSET_PREFIX, PUBLIC_PATHS, Docs
 from proxy.errors import MethodNotAllowed, NotFound, error_body, send_json
 from proxy.exposure import Exposure
 from proxy.health import Health, Models
+from proxy.history import Fitter, History, HistorySpec
 from proxy.idempotency import Idempotency
 from proxy.inflight import InFlight, InFlightMiddleware
 from proxy.keys import Keys
@@ -259,14 +261,14 @@ def create_app(
         config = load(settings.config_path)
     file_config = config or FileConfig()
     keys = Keys.build(settings.wrapper_api_key, file_config.keys, file_config.limits)
-    state = state_spec(settings, file_config)
-    limiter = Limiter(keys, state)
+    shared = state_spec(settings, file_config)
+    limiter = Limiter(keys, shared)
     metrics_on, metrics_public = resolve_metrics(settings, file_config.metrics)
     metrics: Metrics | NoMetrics = NoMetrics()
     if metrics_on:
         metrics = Metrics(frozenset({settings.model}), multiproc_dir=settings.metrics_dir)
     responses = build_responses(
-        settings, file_config.cache or CacheSpec(), state, metrics.cache if metrics_on else None
+        settings, file_config.cache or CacheSpec(), shared, metrics.cache if metrics_on else None
     )
     router = Router(
         settings,
@@ -298,11 +300,13 @@ def create_app(
         meter=metrics_on,
         responses=responses,
     )
+    history = History(file_config.history or HistorySpec(), shared, Fitter(router))
     exposure = Exposure(
         settings.extra_paths, proxy_all=settings.proxy_all, allow_admin=settings.allow_admin
     )
     passthrough = Passthrough(relay, exposure)
-    chat = ChatCore(relay, settings)
+    chat = ChatCore(relay, settings, history)
+    conversations = Conversations(history, relay)
     chat_socket = ChatSocket(chat, settings, keys)
     chat_http: ASGIApp = Chat(chat)
     if responses is not None:
@@ -315,6 +319,8 @@ def create_app(
         Route("/chat", chat_http),
         WebSocketRoute("/chat/ws", chat_socket),
         Route("/chat/ws", chat_socket),  # plain HTTP: 426 with a hint
+        Route("/conversations", conversations),
+        Route("/conversations/{conversation_id}", conversations),
         Route("/usage", UsageEndpoint(keys, limiter)),
         Route(
             "/admin/reload",
@@ -368,7 +374,7 @@ def create_app(
                 allow_origins=list(settings.cors_origins),
                 allow_methods=["*"],
                 allow_headers=["*"],
-                expose_headers=["x-request-id"],
+                expose_headers=["x-request-id", "x-conversation-id"],
             )
         )
     middleware += [
@@ -380,6 +386,7 @@ def create_app(
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with router, contextlib.AsyncExitStack() as stack:
             stack.push_async_callback(limiter.aclose)
+            stack.push_async_callback(history.aclose)
             if responses is not None:
                 stack.push_async_callback(responses.aclose)
             if reloader is not None:

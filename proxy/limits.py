@@ -42,7 +42,7 @@ from urllib.parse import parse_qs
 import orjson
 
 from proxy.accesslog import RequestInfo, request_info
-from proxy.asgi import Receive, Scope, Send, add_headers
+from proxy.asgi import Receive, Scope, Send, with_headers
 from proxy.errors import (
     Forbidden,
     GatewayError,
@@ -212,7 +212,7 @@ class Ticket:
 
     def wrap(self, send: Send) -> Send:
         """``send`` that adds the rate-limit headers to the response start."""
-        return add_headers(send, self.headers) if self.headers else send
+        return with_headers(send, self.headers)
 
     def meter(self, info: RequestInfo, *, stream: bool) -> Meter:
         return Meter(info, stream=stream, strip=self.strip and stream)

@@ -178,7 +178,13 @@ def build_openapi(settings: Settings, root_path: str = "") -> dict[str, Any]:
                             },
                         },
                         **_ERRORS,
-                        **_CACHE_ERRORS,
+                        "404": _error("`conversation_id` names no conversation of this key"),
+                        "409": _error(
+                            "`conversation_busy`: the conversation is answering a turn; "
+                            "`idempotency_in_progress`: a request with this Idempotency-Key "
+                            "still runs"
+                        ),
+                        "422": _CACHE_ERRORS["422"],
                     },
                 }
             },
@@ -375,6 +381,7 @@ def build_openapi(settings: Settings, root_path: str = "") -> dict[str, Any]:
             "schemas": _SCHEMAS,
         },
     }
+    doc["paths"].update(_conversation_paths())
     if settings.wrapper_api_key:
         doc["security"] = [{"bearerAuth": []}]
     if root_path:
@@ -420,6 +427,14 @@ _SCHEMAS: dict[str, Any] = {
             "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
             "stop": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
             "stream": {"type": "boolean", "default": False},
+            "conversation_id": {
+                "type": "string",
+                "description": "Continue this stored conversation (see /conversations)",
+            },
+            "store": {
+                "type": "boolean",
+                "description": "Start a stored conversation; its id comes back",
+            },
         },
         "additionalProperties": True,
     },
@@ -442,6 +457,10 @@ _SCHEMAS: dict[str, Any] = {
             "finish_reason": {
                 "type": ["string", "null"],
                 "description": "`stop`, `length`...",
+            },
+            "conversation_id": {
+                "type": "string",
+                "description": "With `conversation_id` or `store: true` in the request",
             },
         },
     },
@@ -500,3 +519,164 @@ _SCHEMAS: dict[str, Any] = {
         },
     },
 }
+
+
+_CONVERSATION = {
+    "id": "conv_018f2b3c4d5e7a1b2c3d4e5f60718293",
+    "object": "conversation",
+    "created_at": 1764532800,
+    "updated_at": 1764532860,
+    "metadata": {"topic": "demo"},
+    "message_count": 1,
+}
+_NOT_FOUND = _error("No such conversation for this key (or it expired)")
+
+
+def _conversation_paths() -> dict[str, Any]:
+    """``/conversations`` and ``/conversations/{conversation_id}``."""
+    tags = ["Conversations"]
+    with_messages = {**_CONVERSATION, "messages": [{"role": "system", "content": "Be brief."}]}
+    conv_id = {
+        "name": "conversation_id",
+        "in": "path",
+        "required": True,
+        "schema": {"type": "string", "pattern": "^conv_[0-9a-f]{32}$"},
+    }
+    return {
+        "/conversations": {
+            "post": {
+                "tags": tags,
+                "summary": "Start a conversation (optionally with messages, e.g. a system prompt)",
+                "description": "Then send turns with `POST /chat` and its `conversation_id`. "
+                "History is stored server-side, shared by every replica, trimmed to the "
+                "model's context when sent, and expires after `[history] ttl_days`.",
+                "requestBody": {
+                    "required": False,
+                    "content": _json(
+                        {"$ref": "#/components/schemas/ConversationCreate"},
+                        {
+                            "messages": [{"role": "system", "content": "Be brief."}],
+                            "metadata": {"topic": "demo"},
+                        },
+                    ),
+                },
+                "responses": {
+                    "200": {
+                        "description": "The new conversation",
+                        "content": _json(
+                            {"$ref": "#/components/schemas/Conversation"}, with_messages
+                        ),
+                    },
+                    "400": _ERRORS["400"],
+                    "401": _ERRORS["401"],
+                },
+            },
+            "get": {
+                "tags": tags,
+                "summary": "The caller's conversations, newest first",
+                "parameters": [
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "integer", "minimum": 1, "maximum": 100, "default": 20},
+                    },
+                    {
+                        "name": "after",
+                        "in": "query",
+                        "required": False,
+                        "description": "The `last_id` of the previous page",
+                        "schema": {"type": "string"},
+                    },
+                ],
+                "responses": {
+                    "200": {
+                        "description": "One page",
+                        "content": _json(
+                            {"type": "object"},
+                            {
+                                "object": "list",
+                                "data": [_CONVERSATION],
+                                "first_id": _CONVERSATION["id"],
+                                "last_id": _CONVERSATION["id"],
+                                "has_more": False,
+                            },
+                        ),
+                    },
+                    "400": _ERRORS["400"],
+                    "401": _ERRORS["401"],
+                },
+            },
+        },
+        "/conversations/{conversation_id}": {
+            "parameters": [conv_id],
+            "get": {
+                "tags": tags,
+                "summary": "One conversation with its messages",
+                "responses": {
+                    "200": {
+                        "description": "The conversation",
+                        "content": _json(
+                            {"$ref": "#/components/schemas/Conversation"}, with_messages
+                        ),
+                    },
+                    "401": _ERRORS["401"],
+                    "404": _NOT_FOUND,
+                },
+            },
+            "delete": {
+                "tags": tags,
+                "summary": "Delete a conversation",
+                "responses": {
+                    "200": {
+                        "description": "Deleted",
+                        "content": _json(
+                            {"type": "object"},
+                            {
+                                "id": _CONVERSATION["id"],
+                                "object": "conversation.deleted",
+                                "deleted": True,
+                            },
+                        ),
+                    },
+                    "401": _ERRORS["401"],
+                    "404": _NOT_FOUND,
+                },
+            },
+        },
+    }
+
+
+_SCHEMAS.update(
+    {
+        "ConversationCreate": {
+            "type": "object",
+            "properties": {
+                "messages": {"type": "array", "items": {"$ref": "#/components/schemas/Message"}},
+                "metadata": {
+                    "type": "object",
+                    "maxProperties": 16,
+                    "additionalProperties": {"type": "string", "maxLength": 512},
+                },
+            },
+            "additionalProperties": False,
+        },
+        "Conversation": {
+            "type": "object",
+            "required": ["id", "object", "created_at", "updated_at", "metadata"],
+            "properties": {
+                "id": {"type": "string"},
+                "object": {"type": "string", "enum": ["conversation"]},
+                "created_at": {"type": "integer"},
+                "updated_at": {"type": "integer"},
+                "metadata": {"type": "object"},
+                "message_count": {"type": "integer"},
+                "messages": {
+                    "type": "array",
+                    "items": {"$ref": "#/components/schemas/Message"},
+                    "description": "Only when reading one conversation",
+                },
+            },
+        },
+    }
+)

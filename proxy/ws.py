@@ -341,6 +341,7 @@ class _Session:
                                 usage=event.usage,
                                 finish_reason=event.finish_reason,
                                 model=event.model,
+                                **_conversation(event),
                             )
                         )
                     elif isinstance(event, Failed):
@@ -404,3 +405,8 @@ def _failed(turn_id: str | int | None, status: int, body: bytes) -> str:
     if not isinstance(error, dict):
         error = {"message": body.decode("utf-8", "replace"), "type": "upstream_error"}
     return _event("error", turn_id, status=status, error=error)
+
+
+def _conversation(done: Done) -> dict[str, str]:
+    """``conversation_id`` for a ``done`` event when the turn was stored."""
+    return {} if done.conversation_id is None else {"conversation_id": done.conversation_id}

@@ -1,4 +1,4 @@
-"""``[[keys]]``, ``[limits]`` and ``[state]``: good files parse, each bad one gives one line."""
+"""``[[keys]]``, ``[limits]``, ``[state]``, ``[history]``: good files parse, bad ones one line."""
 
 from __future__ import annotations
 
@@ -88,6 +88,10 @@ K = '[[keys]]\nname = "a"\nkey = "k"\n'
         ('[state]\nredis_url = "http://x"', "state.redis_url: expected a redis://"),
         ('[state]\non_error = "maybe"', "state.on_error: expected one of open, closed"),
         ("[state]\ntimeout = 0", "state.timeout: expected a number in 0.01..10.0, got 0"),
+        ("[history]\nttl_days = 0", "history.ttl_days: expected a number"),
+        ("[history]\nmax_messages = 1", "history.max_messages: expected an integer in 2..100000"),
+        ('[history]\nlock_seconds = "1m"', "history.lock_seconds: expected a number"),
+        ("[history]\nttl = 3", "history.ttl: unknown key (known here:"),
     ],
 )
 def test_bad_files(tmp_path: Path, text: str, message: str) -> None:
