@@ -38,7 +38,8 @@ def write_config(tmp_path: Path, *sections: str) -> str:
 
 
 def start(upstream: str, config: str, *extra: str) -> ServerProcess:
-    return gateway_server(upstream, "--config", config, *extra, env=GATEWAY_ENV).start()
+    """The gateway, not yet started: ``with start(...) as gw`` starts and stops it."""
+    return gateway_server(upstream, "--config", config, *extra, env=GATEWAY_ENV)
 
 
 def turn(
@@ -64,7 +65,7 @@ def last_messages(sim: Sim) -> list[dict]:
 @pytest.fixture(scope="module")
 def gw(sim: Sim, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """A gateway without client auth, history in SQLite."""
-    server = start(sim.base_url, write_config(tmp_path_factory.mktemp("hist")))
+    server = start(sim.base_url, write_config(tmp_path_factory.mktemp("hist"))).start()
     yield server
     server.stop()
 
@@ -72,7 +73,7 @@ def gw(sim: Sim, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerPro
 @pytest.fixture(scope="module")
 def keyed(sim: Sim, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     keys = f'[[keys]]\nname = "team-a"\nkey = "{A}"\n\n[[keys]]\nname = "team-b"\nkey = "{B}"\n'
-    server = start(sim.base_url, write_config(tmp_path_factory.mktemp("keyed"), keys))
+    server = start(sim.base_url, write_config(tmp_path_factory.mktemp("keyed"), keys)).start()
     yield server
     server.stop()
 
