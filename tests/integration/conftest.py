@@ -28,6 +28,15 @@ class Sim:
     def stats(self) -> dict:
         return httpx.get(self.url + "/_sim/stats", timeout=5).json()
 
+    def receipts(self, path: str | None = "/v1/chat/completions") -> int:
+        """Requests the simulator received on ``path`` (``None``: on any path but
+        ``/v1/models``). Counted so because the gateway polls ``GET /v1/models`` by itself
+        now and then (the metrics' model list), which is no client's request."""
+        stats = self.stats()
+        if path is None:
+            return stats["requests"] - stats["by_path"].get("/v1/models", 0)
+        return stats["by_path"].get(path, 0)
+
     def wait_aborted(self, n: int = 1, timeout: float = 5.0) -> dict:
         r = httpx.get(
             self.url + "/_sim/wait_aborted",

@@ -99,14 +99,14 @@ def test_hit_is_the_miss_bytes_and_reaches_no_upstream(clean_sim, client, path):
     assert first.status_code == 200
     assert first.headers["x-cache"] == "MISS"
     assert "age" not in first.headers
-    seen = clean_sim.stats()["requests"]
+    seen = clean_sim.receipts(None)
     second = post(client, path, body)
     assert second.status_code == 200
     assert second.headers["x-cache"] == "HIT"
     assert int(second.headers["age"]) >= 0
     assert second.content == first.content
     assert second.headers["content-type"] == first.headers["content-type"]
-    assert clean_sim.stats()["requests"] == seen
+    assert clean_sim.receipts(None) == seen
 
 
 def test_stream_hit_replays_the_same_sse_bytes(clean_sim, client):
@@ -114,12 +114,12 @@ def test_stream_hit_replays_the_same_sse_bytes(clean_sim, client):
     first, raw = stream(client, "/v1/chat/completions", body)
     assert first.headers["x-cache"] == "MISS"
     assert raw.endswith(b"data: [DONE]\n\n")
-    seen = clean_sim.stats()["requests"]
+    seen = clean_sim.receipts(None)
     second, again = stream(client, "/v1/chat/completions", body)
     assert second.headers["x-cache"] == "HIT"
     assert second.headers["content-type"].startswith("text/event-stream")
     assert again == raw
-    assert clean_sim.stats()["requests"] == seen
+    assert clean_sim.receipts(None) == seen
 
 
 def test_embeddings_are_always_cached(clean_sim, client):

@@ -23,7 +23,7 @@ def test_retries_recover_within_max(
     clean_sim.faults(fail_next=failures, status=status)
     r = httpx.post(gateway.url + "/v1/chat/completions", json=CHAT_BODY, timeout=30)
     assert r.status_code == 200, r.text
-    assert clean_sim.stats()["requests"] == failures + 1
+    assert clean_sim.receipts() == failures + 1
 
 
 def test_retries_exhausted_give_503_with_cause(gateway: ServerProcess, clean_sim: Sim) -> None:
@@ -33,7 +33,7 @@ def test_retries_exhausted_give_503_with_cause(gateway: ServerProcess, clean_sim
     error = r.json()["error"]
     assert "503" in error["message"] and "4 attempts" in error["message"]
     assert error["type"] == "upstream_error"
-    assert clean_sim.stats()["requests"] == 4  # 1 + VLLM_MAX_RETRIES
+    assert clean_sim.receipts() == 4  # 1 + VLLM_MAX_RETRIES
     clean_sim.reset()
     assert (
         httpx.post(gateway.url + "/v1/chat/completions", json=CHAT_BODY, timeout=30).status_code
@@ -54,12 +54,12 @@ def test_non_retryable_statuses_pass_straight_through(
     clean_sim.faults(fail_next=1, status=500)
     r = httpx.post(gateway.url + "/v1/chat/completions", json=CHAT_BODY, timeout=30)
     assert r.status_code == 500
-    assert clean_sim.stats()["requests"] == 1
+    assert clean_sim.receipts() == 1
     clean_sim.reset()
     clean_sim.faults(fail_next=1, status=429)  # no Retry-After: the client decides
     r = httpx.post(gateway.url + "/v1/chat/completions", json=CHAT_BODY, timeout=30)
     assert r.status_code == 429
-    assert clean_sim.stats()["requests"] == 1
+    assert clean_sim.receipts() == 1
 
 
 def test_retry_after_is_honoured(gateway: ServerProcess, clean_sim: Sim) -> None:
@@ -68,7 +68,7 @@ def test_retry_after_is_honoured(gateway: ServerProcess, clean_sim: Sim) -> None
     r = httpx.post(gateway.url + "/v1/chat/completions", json=CHAT_BODY, timeout=30)
     waited = time.monotonic() - start
     assert r.status_code == 200
-    assert clean_sim.stats()["requests"] == 2
+    assert clean_sim.receipts() == 2
     # Backoff alone is at most 0.05 s in these tests; only Retry-After explains a 1 s wait.
     assert waited >= 0.95
 
@@ -80,7 +80,7 @@ def test_retry_after_above_the_cap_is_capped(sim: Sim) -> None:
         sim.faults(fail_next=1, status=503, retry_after=3600)
         r = httpx.post(gw.url + "/v1/chat/completions", json=CHAT_BODY, timeout=20)
         assert r.status_code == 200
-        assert sim.stats()["requests"] == 2
+        assert sim.receipts() == 2
 
 
 def test_started_stream_is_never_retried(gateway: ServerProcess, clean_sim: Sim) -> None:
@@ -95,7 +95,7 @@ def test_started_stream_is_never_retried(gateway: ServerProcess, clean_sim: Sim)
                     received += chunk
     assert received.count(b"data: ") >= 1
     assert b"[DONE]" not in received
-    assert clean_sim.stats()["requests"] == 1
+    assert clean_sim.receipts() == 1
     assert (
         httpx.post(gateway.url + "/v1/chat/completions", json=CHAT_BODY, timeout=30).status_code
         == 200
@@ -179,7 +179,7 @@ def test_read_timeout_is_504_and_not_retried(sim: Sim) -> None:
         )
         assert r.status_code == 504
         assert r.json()["error"]["code"] == "upstream_timeout"
-        assert sim.stats()["requests"] == 1
+        assert sim.receipts() == 1
 
 
 def test_timeout_is_idle_time_not_a_cap_on_a_long_stream(sim: Sim) -> None:

@@ -195,7 +195,7 @@ def test_upstream_errors_and_bad_fields_are_error_messages(
         assert dropped[-1]["error"]["code"] == "upstream_unavailable"
         send(ws, type="chat", id="ok", messages=HI, max_tokens=3)
         assert collect(ws, {"ok"})["ok"][-1]["type"] == "done"
-    assert clean_sim.stats()["requests"] == 3  # the 400 never went upstream
+    assert clean_sim.receipts(None) == 3  # the 400 never went upstream
 
 
 def test_retries_as_post_chat(gw: ServerProcess, clean_sim: Sim) -> None:
@@ -203,7 +203,7 @@ def test_retries_as_post_chat(gw: ServerProcess, clean_sim: Sim) -> None:
     with chat_socket(gw.url, KEY) as ws:
         send(ws, type="chat", id=1, messages=HI, max_tokens=3)
         assert collect(ws, {1})[1][-1]["type"] == "done"
-    assert clean_sim.stats()["requests"] == 3
+    assert clean_sim.receipts(None) == 3
 
 
 BAD_MESSAGES = [
@@ -228,7 +228,7 @@ def test_bad_messages_get_an_error_and_the_socket_stays_open(
         assert next_message(ws) == {"type": "pong"}
         send(ws, type="chat", id="fine", messages=HI, max_tokens=3)
         assert collect(ws, {"fine"})["fine"][-1]["type"] == "done"
-    assert clean_sim.stats()["requests"] == 1
+    assert clean_sim.receipts(None) == 1
 
 
 def test_idle_socket_gets_keepalive_pings(gw: ServerProcess) -> None:
