@@ -27,7 +27,7 @@ from pathlib import Path
 import httpx
 
 from bench import procs
-from bench.run import RESULTS, run_wrk
+from bench.run import run_wrk, write_results
 
 BEGIN, END = "<!-- cache:begin -->", "<!-- cache:end -->"
 SIZES = {"short": 128, "long": 225000}  # the long answer is about 1 MB
@@ -170,13 +170,7 @@ def main() -> None:
         )
     lines.append(END)
     section = "\n".join(lines)
-    text = RESULTS.read_text()
-    if BEGIN in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + section + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    RESULTS.write_text(text)
+    write_results(section, BEGIN, END)
     print(section)
 
 

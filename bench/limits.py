@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 
 from bench import procs
-from bench.run import RESULTS, WRK_LUA, run_wrk
+from bench.run import WRK_LUA, run_wrk, write_results
 from tests.support.redis import RedisServer, redis_binary
 
 BEGIN, END = "<!-- limits:begin -->", "<!-- limits:end -->"
@@ -163,13 +163,7 @@ def main() -> None:
         lines.append("")
     lines.append(END)
     section = "\n".join(lines)
-    text = RESULTS.read_text()
-    if BEGIN in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + section + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    RESULTS.write_text(text)
+    write_results(section, BEGIN, END)
     print(section)
 
 
