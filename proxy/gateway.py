@@ -16,10 +16,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 from collections.abc import AsyncIterator, Callable, Container
 from contextlib import AbstractAsyncContextManager
-from typing import Any
 
 import orjson
 from starlette.applications import Starlette
@@ -216,20 +216,6 @@ def build_responses(
     )
 
 
-def _keys_stage(keys: Keys, env_api_key: str) -> Callable[[FileConfig], Callable[[], Any]]:
-    """The key ring's part in a reload: build the new ring (checks it), then swap it in."""
-
-    def prepare(config: FileConfig) -> Callable[[], Any]:
-        ring = Keys.build(env_api_key, config.keys, config.limits).ring
-
-        async def commit() -> None:
-            keys.ring = ring
-
-        return commit
-
-    return prepare
-
-
 async def _stop(task: asyncio.Task[None]) -> None:
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
@@ -291,7 +277,7 @@ def create_app(
     if config is not None and config.path:
         reloader = Reloader(config.path)
         reloader.register(router.prepare)
-        reloader.register(_keys_stage(keys, settings.wrapper_api_key))
+        reloader.register(functools.partial(keys.prepare, settings.wrapper_api_key))
     relay = Relay(
         router,
         RetryPolicy.from_settings(settings),

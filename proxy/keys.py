@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING
 
@@ -141,7 +141,7 @@ class KeyRing:
 
 
 class Keys:
-    """The current :class:`KeyRing`; :meth:`update` swaps it (reload)."""
+    """The current :class:`KeyRing`; :meth:`prepare` swaps it on a reload."""
 
     def __init__(self, ring: KeyRing) -> None:
         self.ring = ring
@@ -152,10 +152,16 @@ class Keys:
     ) -> Keys:
         return cls(KeyRing([*env_keys(env_api_key), *file_keys], limits or LimitsSpec()))
 
-    def apply(self, env_api_key: str, config: FileConfig) -> None:
-        """Swap in the keys and limits of a new configuration (reload). Requests in
-        flight keep their Key; counts already made stay (they are keyed by name)."""
-        self.ring = Keys.build(env_api_key, config.keys, config.limits).ring
+    def prepare(self, env_api_key: str, config: FileConfig) -> Callable[[], Awaitable[None]]:
+        """A reload's first phase: build (and so check) the new configuration's ring; the
+        returned commit swaps it in. Requests in flight keep their Key; counts already
+        made stay (they are keyed by name)."""
+        ring = Keys.build(env_api_key, config.keys, config.limits).ring
+
+        async def commit() -> None:
+            self.ring = ring
+
+        return commit
 
 
 __all__ = ["Key", "KeyRing", "KeySpec", "Keys", "LimitSpec", "LimitsSpec", "digest"]
