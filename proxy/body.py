@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from proxy.asgi import Receive, Scope
 from proxy.errors import BadRequest, HeadersTooLarge, PayloadTooLarge, RequestTimeout, URITooLong
 from proxy.headers import get_all, headers_size
+
+# The scope key under which the gateway's server protocol (proxy.server) puts the
+# request's cycle, so a handler is told of a disconnect by a callback
+# (:func:`on_disconnect`) instead of keeping a task blocked in ``receive()`` for it.
+DISCONNECT_HOOK = "vllm_wrapper.cycle"
 
 
 class ClientDisconnected(Exception):
@@ -69,3 +75,21 @@ async def wait_disconnect(receive: Receive) -> None:
         message = await receive()
         if message["type"] == "http.disconnect":
             return
+
+
+def on_disconnect(scope: Scope, callback: Callable[[], None] | None) -> bool:
+    """Have ``callback`` called (once, from the event loop) when the client of the
+    request ``scope`` disconnects before its response is complete; ``None`` stops it.
+
+    Returns False when the server is not the gateway's own protocol (a mounted gateway,
+    another server): then the caller watches ``receive()`` (:func:`wait_disconnect`).
+    A client already gone is reported at once (soon, by the loop).
+    """
+    cycle = scope.get(DISCONNECT_HOOK)
+    if cycle is None:
+        return False
+    if callback is not None and cycle.disconnected and not cycle.response_complete:
+        asyncio.get_running_loop().call_soon(callback)
+        return True
+    cycle.on_lost = callback
+    return True

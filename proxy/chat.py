@@ -500,7 +500,7 @@ class Chat:
         except InvalidChat as exc:
             await exc.send(send)
             return
-        await self.relay.guard(receive, info, lambda: self._exchange(send, turn, info))
+        await self.relay.guard(scope, receive, info, lambda: self._exchange(send, turn, info))
 
     async def _exchange(self, send: Send, turn: Turn, info: RequestInfo) -> bool:
         """Write the turn's events as HTTP; True when the answer was sent completely."""

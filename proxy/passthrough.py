@@ -19,7 +19,13 @@ from urllib.parse import quote
 
 from proxy.accesslog import RequestInfo, request_info
 from proxy.asgi import Receive, Scope, Send, route_path
-from proxy.body import ClientDisconnected, check_head, read_body, wait_disconnect
+from proxy.body import (
+    ClientDisconnected,
+    check_head,
+    on_disconnect,
+    read_body,
+    wait_disconnect,
+)
 from proxy.cache import Responses, Stored
 from proxy.config import Settings
 from proxy.errors import (
@@ -156,7 +162,7 @@ class Relay:
 
         try:
             await self.guard(
-                receive, info, lambda: self._exchange(send, attempt, info, ticket, own_api)
+                scope, receive, info, lambda: self._exchange(send, attempt, info, ticket, own_api)
             )
         finally:
             dispatch.release()  # the response is closed: the upstream's in-flight count ends
@@ -192,29 +198,41 @@ class Relay:
         return None
 
     async def guard(
-        self, receive: Receive, info: RequestInfo, exchange: Callable[[], Awaitable[bool]]
+        self,
+        scope: Scope,
+        receive: Receive,
+        info: RequestInfo,
+        exchange: Callable[[], Awaitable[bool]],
     ) -> None:
         """Run ``exchange`` (True when it sent its response completely), cancelling it the
         moment the client disconnects so the upstream request is closed at once.
 
-        A plain task watches for the disconnect and cancels this one; that cancellation is
-        absorbed here, any other (server shutdown) propagates, even if both happen at once.
+        The gateway's server calls back on a disconnect (:func:`on_disconnect`); under
+        another server a plain task waits in ``receive()`` for it. Either cancels this
+        task; that cancellation is absorbed here, any other (server shutdown)
+        propagates, even if both happen at once.
         """
         task = asyncio.current_task()
         assert task is not None
         watching = True
         disconnected = False
 
-        def on_disconnect(watcher: asyncio.Task[None]) -> None:
+        def lost() -> None:
             nonlocal disconnected
             # ``watching`` is False once ``exchange`` is over: never cancel the task later.
-            if watching and not watcher.cancelled() and watcher.exception() is None:
+            if watching:
                 disconnected = True
                 info.disconnected_at = time.perf_counter()
                 task.cancel()
 
-        watcher = asyncio.ensure_future(wait_disconnect(receive))
-        watcher.add_done_callback(on_disconnect)
+        def on_watcher_done(watcher: asyncio.Task[None]) -> None:
+            if not watcher.cancelled() and watcher.exception() is None:
+                lost()
+
+        watcher = None
+        if not on_disconnect(scope, lost):
+            watcher = asyncio.ensure_future(wait_disconnect(receive))
+            watcher.add_done_callback(on_watcher_done)
         completed = False
         try:
             completed = await exchange()
@@ -223,7 +241,10 @@ class Relay:
                 raise
         finally:
             watching = False
-            watcher.cancel()
+            if watcher is None:
+                on_disconnect(scope, None)
+            else:
+                watcher.cancel()
         if disconnected and not completed:
             info.note = "client-disconnected"
             log.debug("client disconnected; upstream closed (id=%s)", info.id_text)

@@ -37,6 +37,7 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
 
+from proxy.body import DISCONNECT_HOOK
 from proxy.errors import BadRequest, ClientError, HeadersTooLarge, RequestTimeout, URITooLong
 from proxy.headers import headers_size
 
@@ -109,7 +110,13 @@ class BoundedHttpProtocol(HttpToolsProtocol):
             if timer is not None:
                 timer.cancel()
         self.head_timer = self.send_timer = self.linger_timer = None
+        cycle = self.cycle
         super().connection_lost(exc)
+        if cycle is not None and cycle.disconnected:
+            callback = getattr(cycle, "on_lost", None)
+            if callback is not None:
+                cycle.on_lost = None
+                callback()
 
     def data_received(self, data: bytes) -> None:
         if self.refused:
@@ -188,6 +195,8 @@ class BoundedHttpProtocol(HttpToolsProtocol):
             super().on_headers_complete()
             return
         super().on_headers_complete()
+        if self.cycle is not None:
+            self.scope[DISCONNECT_HOOK] = self.cycle  # type: ignore[literal-required]
         # The scope has its headers; chunked-body trailers, which uvicorn's on_header
         # appends to the same list, now go to a list nobody reads.
         self.headers = []

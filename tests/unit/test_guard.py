@@ -47,7 +47,7 @@ def test_a_disconnect_cancels_the_exchange_and_is_absorbed() -> None:
         client, info = Client(), RequestInfo(b"id")
         started, cancelled = asyncio.Event(), []
         task = asyncio.ensure_future(
-            make_relay().guard(client.receive, info, lambda: hang(started, cancelled))
+            make_relay().guard({}, client.receive, info, lambda: hang(started, cancelled))
         )
         await started.wait()
         client.leave()
@@ -65,7 +65,7 @@ def test_cancellation_from_outside_propagates(also_disconnect: bool) -> None:
         client, info = Client(), RequestInfo(b"id")
         started, cancelled = asyncio.Event(), []
         task = asyncio.ensure_future(
-            make_relay().guard(client.receive, info, lambda: hang(started, cancelled))
+            make_relay().guard({}, client.receive, info, lambda: hang(started, cancelled))
         )
         await started.wait()
         if also_disconnect:
@@ -91,7 +91,7 @@ def test_a_disconnect_as_the_exchange_ends_does_not_cancel_the_task_later() -> N
             return True
 
         async def request() -> str:
-            await make_relay().guard(client.receive, info, finish)
+            await make_relay().guard({}, client.receive, info, finish)
             await asyncio.sleep(0.05)  # a stray cancellation would land here
             return "done"
 
