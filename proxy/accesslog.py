@@ -1,8 +1,8 @@
 """Per-request context and the one-line access log.
 
-:class:`AccessLogMiddleware` is the outermost wrapper: it settles the request
-id (the client's ``X-Request-Id`` if sane, else a new one), returns it on every
-response, and logs one line when the request ends::
+The outermost stage (:class:`proxy.front.Front`) settles the request id (the
+client's ``X-Request-Id`` if sane, else a new one), returns it on every response,
+and logs one line (:func:`log_request`) when the request ends::
 
     POST /v1/chat/completions 200 upstream=12.3ms bytes=4567 dur=812.0ms attempts=1 \
         key=team-a model=llama id=ab12... via=http://gpu-b:8000/v1
@@ -22,8 +22,8 @@ from typing import Any
 
 import orjson
 
-from proxy.asgi import ASGIApp, Message, Receive, Scope, Send
-from proxy.headers import REQUEST_ID, request_id_from
+from proxy.asgi import Scope
+from proxy.headers import request_id_from
 
 log = logging.getLogger("proxy.access")
 
@@ -49,7 +49,7 @@ class RequestInfo:
 
     The response's ``status``, ``headers_at``, ``first_byte_at`` (``perf_counter``
     times), ``response_headers`` and ``complete`` (its last body message went out) are
-    recorded by :class:`AccessLogMiddleware`, which sees every message anyway.
+    recorded by :class:`proxy.front.Front`, which sees every message anyway.
     Filled as the request goes: ``key_name`` by auth (``invalid`` for a refused key),
     ``model`` by the stage that reads the request's model, ``body`` by the relay once
     read, the token counts by whoever reads the answer's usage, ``disconnected_at``
@@ -169,64 +169,24 @@ def request_info(scope: Scope) -> RequestInfo:
     return info
 
 
-class AccessLogMiddleware:
-    def __init__(self, app: ASGIApp, *, enabled: bool = True) -> None:
-        self.app = app
-        self.enabled = enabled
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        info = request_info(scope)
-        rid = info.request_id
-        start = time.perf_counter()
-        status = 0
-        sent = 0
-
-        async def send_wrapper(message: Message) -> None:
-            nonlocal status, sent
-            if message["type"] == "http.response.start":
-                status = info.status = message["status"]
-                info.headers_at = time.perf_counter()
-                headers = message.setdefault("headers", [])
-                if not isinstance(headers, list):
-                    headers = message["headers"] = list(headers)
-                headers.append((REQUEST_ID, rid))
-                info.response_headers = headers
-            elif message["type"] == "http.response.body":
-                chunk = message.get("body", b"")
-                if chunk and not sent:
-                    info.first_byte_at = time.perf_counter()
-                sent += len(chunk)
-                if not message.get("more_body", False):
-                    info.complete = True
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_wrapper)
-        except Exception:
-            # Starlette's error handler, outside this middleware, answers 500 when no
-            # response has started (after that the server cuts the connection).
-            status = status or 500
-            raise
-        finally:
-            if self.enabled and log.isEnabledFor(logging.INFO):
-                dur = (time.perf_counter() - start) * 1000
-                up = f"{info.upstream_ms:.1f}ms" if info.upstream_ms is not None else "-"
-                log.info(
-                    "%s %s %s upstream=%s bytes=%d dur=%.1fms attempts=%d key=%s model=%s "
-                    "id=%s%s%s",
-                    escape(scope["method"]),
-                    escape(scope["path"]),
-                    status or "-",
-                    up,
-                    sent,
-                    dur,
-                    info.attempts,
-                    info.key_name or "-",
-                    _shown(info.model),
-                    info.id_text,
-                    f" via={info.upstream}" if info.upstream else "",
-                    f" {info.note}" if info.note else "",
-                )
+def log_request(scope: Scope, info: RequestInfo, sent: int) -> None:
+    """The request's access-log line (at INFO), when it ends; ``sent``: body bytes sent."""
+    if not log.isEnabledFor(logging.INFO):
+        return
+    dur = (time.perf_counter() - info.started) * 1000
+    up = f"{info.upstream_ms:.1f}ms" if info.upstream_ms is not None else "-"
+    log.info(
+        "%s %s %s upstream=%s bytes=%d dur=%.1fms attempts=%d key=%s model=%s id=%s%s%s",
+        escape(scope["method"]),
+        escape(scope["path"]),
+        info.status or "-",
+        up,
+        sent,
+        dur,
+        info.attempts,
+        info.key_name or "-",
+        _shown(info.model),
+        info.id_text,
+        f" via={info.upstream}" if info.upstream else "",
+        f" {info.note}" if info.note else "",
+    )

@@ -308,6 +308,15 @@ class Responses:
         # The metrics' cache counter: hit, miss, bypass, replay (an idempotent repeat).
         self.on_result = on_result or _ignore
 
+    def applies(self, scope: Scope) -> bool:
+        """Whether :meth:`serve` has anything to do for this request: the cache is on,
+        or it is a POST with an ``Idempotency-Key``."""
+        return self.cache is not None or (
+            self.idempotency is not None
+            and scope["method"] == "POST"
+            and get_header(scope["headers"], b"idempotency-key") is not None
+        )
+
     async def serve(
         self,
         scope: Scope,

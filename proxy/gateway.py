@@ -1,11 +1,11 @@
 """``create_app()``: routes, middleware order, lifespan.
 
-Middleware, outermost first: in-flight count (the lifespan shutdown waits for
-it) → access log (request id, one line per request) → metrics (when on) → CORS (only when
-``VLLM_WRAPPER_CORS_ORIGINS`` is set) → bearer auth → :class:`V1Lane` → routes. All
-are pure ASGI, so streamed bodies pass through untouched. ``/v1/*``, the hot path,
-goes from the lane straight to the passthrough app; everything else through
-Starlette's exception middleware and router.
+Middleware, outermost first: :class:`~proxy.front.Front` (in-flight count, which the
+lifespan shutdown waits for; request id; one access-log line; metrics when on) → CORS
+(only when ``VLLM_WRAPPER_CORS_ORIGINS`` is set) → bearer auth → routes. All are pure
+ASGI, so streamed bodies pass through untouched. ``/v1/*``, the hot path, goes through
+the same stages straight to the passthrough app (:class:`~proxy.front.Gateway`);
+everything else through Starlette's error middleware, exception middleware and router.
 
 Mounted inside another app (``Mount("/llm", app=gateway)``) the gateway gets
 no lifespan events of its own; the host runs them with :func:`lifespan`.
@@ -30,7 +30,6 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route, WebSocketRoute
 
-from proxy.accesslog import AccessLogMiddleware
 from proxy.asgi import ASGIApp, Receive, Scope, Send, route_path
 from proxy.auth import BearerAuthMiddleware
 from proxy.cache import CacheSpec, ChatCache, ResponseCache, Responses
@@ -41,17 +40,17 @@ from proxy.conversations import Conversations
 from proxy.docs import ASSET_PREFIX, PUBLIC_PATHS, Docs
 from proxy.errors import MethodNotAllowed, NotFound, error_body, send_json
 from proxy.exposure import Exposure
+from proxy.front import Front, Gateway
 from proxy.health import Health, Models
 from proxy.history import Fitter, History, HistorySpec
 from proxy.idempotency import Idempotency
-from proxy.inflight import InFlight, InFlightMiddleware
+from proxy.inflight import InFlight
 from proxy.keys import Keys
 from proxy.limits import Limiter, UsageEndpoint
 from proxy.logs import ensure_gateway_logging
 from proxy.metrics import (
     Metrics,
     MetricsEndpoint,
-    MetricsMiddleware,
     NoMetrics,
     RouterModels,
     UpstreamModels,
@@ -132,28 +131,6 @@ class MissingV1:
 async def _server_error(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return _json_error(500, "internal gateway error; see the gateway log")
-
-
-class V1Lane:
-    """Innermost middleware: ``/v1/*`` requests go straight to ``v1``, the rest to the router.
-
-    Every ``/v1/...`` path belongs to the passthrough, so Starlette's router (a regex per
-    route, a scope copy) and exception middleware (two wrappers per message) have nothing
-    to decide there; skipping them is a measured part of the per-request CPU
-    (bench/RESULTS.md). The middlewares outside this one, and Starlette's server-error
-    handler outermost, still apply.
-    """
-
-    def __init__(self, app: ASGIApp, *, v1: ASGIApp, prefix: str = "/v1/") -> None:
-        self.app = app
-        self.v1 = v1
-        self.prefix = prefix
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and route_path(scope).startswith(self.prefix):
-            await self.v1(scope, receive, send)
-        else:
-            await self.app(scope, receive, send)
 
 
 def lifespan(gateway: Starlette) -> AbstractAsyncContextManager[None]:
@@ -314,7 +291,7 @@ def create_app(
         ),
         Route("/tokenize", RootRoute(relay, "/tokenize")),
         Route("/detokenize", RootRoute(relay, "/detokenize")),
-        # /v1/... goes through V1Lane below; bare /v1 gets a 404 of ours, not a redirect.
+        # /v1/... takes the v1 lane (front.Gateway); bare /v1 gets our 404, not a redirect.
         Route("/v1", passthrough),
         # The OpenAI API's own paths without the /v1: a client's base URL lacks it.
         *(Route(p, MissingV1()) for p in ("/chat/completions", "/completions", "/embeddings")),
@@ -347,14 +324,15 @@ def create_app(
             public.append("/metrics")
 
     inflight = InFlight()
-    middleware = [
-        Middleware(InFlightMiddleware, tracker=inflight),
-        Middleware(AccessLogMiddleware, enabled=settings.access_log),
-    ]
-    if isinstance(metrics, Metrics):
-        middleware.append(Middleware(MetricsMiddleware, metrics=metrics))
+    front = functools.partial(
+        Front,
+        tracker=inflight,
+        access_log=settings.access_log,
+        metrics=metrics if isinstance(metrics, Metrics) else None,
+    )
+    guards: list[Middleware] = []
     if settings.cors_origins:
-        middleware.append(
+        guards.append(
             Middleware(
                 CORSMiddleware,
                 allow_origins=list(settings.cors_origins),
@@ -363,10 +341,15 @@ def create_app(
                 expose_headers=["x-request-id", "x-conversation-id"],
             )
         )
-    middleware += [
-        Middleware(BearerAuthMiddleware, keys=keys, exempt=public, message_auth=["/chat/ws"]),
-        Middleware(V1Lane, v1=passthrough),
-    ]
+    guards.append(
+        Middleware(BearerAuthMiddleware, keys=keys, exempt=public, message_auth=["/chat/ws"])
+    )
+    middleware = [Middleware(front), *guards]
+    # /v1/...: the same stages around the passthrough, past Starlette (front.Gateway).
+    v1: ASGIApp = passthrough
+    for cls, args, kwargs in reversed(guards):
+        v1 = cls(v1, *args, **kwargs)
+    v1 = front(v1, answer_errors=True)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -385,12 +368,13 @@ def create_app(
             # Requests the server has not finished (or has just cancelled) end first.
             await inflight.wait_idle(settings.graceful_timeout)
 
-    app = Starlette(
+    app = Gateway(
         routes=routes,
         middleware=middleware,
         lifespan=lifespan,
         exception_handlers={HTTPException: _http_error, Exception: _server_error},
     )
+    app.v1 = v1
     app.state.settings = settings  # for introspection only; handlers get theirs passed in
     app.state.upstream = router.endpoints[0].upstream
     app.state.router = router

@@ -3,7 +3,7 @@
 Servers stop accepting, wait for open connections up to their grace period, then run
 the lifespan shutdown — but some (uvicorn among them) cancel the requests left over
 and start the shutdown at once, and a host app that mounts the gateway may order
-things differently still. :class:`InFlightMiddleware` (outermost) counts the
+things differently still. :class:`proxy.front.Front` (outermost) counts the
 requests being served; the lifespan waits, up to ``VLLM_WRAPPER_GRACEFUL_TIMEOUT``,
 for the count to reach zero before it closes the upstream client, so a relayed
 stream is never cut by its own pool closing under it, and every request still
@@ -15,8 +15,6 @@ from __future__ import annotations
 import logging
 
 import anyio
-
-from proxy.asgi import ASGIApp, Receive, Scope, Send
 
 log = logging.getLogger(__name__)
 
@@ -47,19 +45,3 @@ class InFlight:
         if self.count:
             log.warning("closing the upstream client with %d request(s) in flight", self.count)
         return self.count == 0
-
-
-class InFlightMiddleware:
-    def __init__(self, app: ASGIApp, *, tracker: InFlight) -> None:
-        self.app = app
-        self.tracker = tracker
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        self.tracker.enter()
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            self.tracker.leave()

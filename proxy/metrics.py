@@ -13,7 +13,7 @@ the gateway's series sit beside vLLM's own. Labels are bounded whatever clients 
   without credentials; ``status``: the status sent (``499`` when the client left
   before any was, ``0`` when none was sent for another reason).
 
-:class:`MetricsMiddleware` (pure ASGI) records each request once, when it ends, from
+:class:`proxy.front.Front` records each request once, when it ends, from
 its :class:`~proxy.accesslog.RequestInfo`: arrival → first body byte (TTFB), → end
 (duration), the gateway's own time up to the response headers minus the upstream's
 (overhead, as ``Server-Timing``), a client disconnect → the upstream request closed
@@ -22,7 +22,7 @@ model, token usage). The access log's send wrapper records the response's times,
 metrics add nothing per body chunk. The other stages report their
 events with one call each: :meth:`Metrics.rate_limited`, :meth:`Metrics.upstream_request`,
 :meth:`Metrics.upstream_health`, :meth:`Metrics.cache`. With metrics off they are
-handed a :class:`NoMetrics`, whose methods do nothing, and no middleware is installed.
+handed a :class:`NoMetrics`, whose methods do nothing, and nothing is recorded per request.
 
 Several worker processes (``python -m proxy --workers N``) share the figures through
 prometheus-client's multiprocess mode: ``PROMETHEUS_MULTIPROC_DIR`` names a directory
@@ -36,7 +36,6 @@ import asyncio
 import glob
 import logging
 import os
-import time
 from collections.abc import Callable, Container, Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -53,7 +52,7 @@ from prometheus_client import (
 from prometheus_client.exposition import choose_encoder
 
 from proxy.accesslog import RequestInfo, request_info
-from proxy.asgi import ASGIApp, Receive, Scope, Send, route_path
+from proxy.asgi import Receive, Scope, Send
 from proxy.config import ConfigError, Settings
 from proxy.errors import Forbidden, MethodNotAllowed
 
@@ -361,7 +360,7 @@ class Metrics(NoMetrics):
     # ---- one request -------------------------------------------------------------------------
 
     def observe(self, info: RequestInfo, route: str, method: str, end: float) -> None:
-        """Record one finished request (called once, by :class:`MetricsMiddleware`), from
+        """Record one finished request (called once, by :class:`proxy.front.Front`), from
         what its :class:`RequestInfo` says."""
         model = self.model_label(info, method)
         key = self._key(info.key_name)
@@ -414,34 +413,6 @@ def _is_stream(headers: Iterable[tuple[bytes, bytes]]) -> bool:
         if name == b"content-type":
             return value.startswith(b"text/event-stream")
     return False
-
-
-class MetricsMiddleware:
-    """Counts requests in flight and records each one in :class:`Metrics` when it ends.
-
-    Sits inside the access log, whose send wrapper records on the request's
-    :class:`RequestInfo` the status and the times of the headers and first body byte,
-    and outside auth (so refused keys are counted). It wraps no ``send`` of its own:
-    nothing is added per body chunk.
-    """
-
-    def __init__(self, app: ASGIApp, *, metrics: Metrics) -> None:
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        route = route_of(route_path(scope))
-        inflight = self.metrics.inflight.child(route)
-        inflight.inc()
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            inflight.dec()
-            end = time.perf_counter()
-            self.metrics.observe(request_info(scope), route, scope["method"], end)
 
 
 class MetricsEndpoint:

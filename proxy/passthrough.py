@@ -99,7 +99,7 @@ class Relay:
         body = await self.read_request(scope, receive, send, info)
         if body is None:
             return
-        if self.responses is None:
+        if self.responses is None or not self.responses.applies(scope):
             await self.forward(scope, receive, send, info, body, path, query, own_api, root)
             return
 
@@ -300,18 +300,27 @@ class Relay:
         stream = is_event_stream(headers)
         if not stream:
             headers.append(server_timing(info, time.perf_counter()))
-        chunks = response.chunks()
+        meter = None
         if response.status == 200:
             if ticket is not None:
-                chunks = ticket.meter(info, stream=stream).relay(chunks)
+                meter = ticket.meter(info, stream=stream)
             elif self.meter:
-                chunks = Meter(info, stream=stream, strip=False).relay(chunks)
+                meter = Meter(info, stream=stream, strip=False)
         try:
             await send(
                 {"type": "http.response.start", "status": response.status, "headers": headers}
             )
-            async for chunk in chunks:
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            if meter is None:
+                async for chunk in response.chunks():
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            else:
+                async for chunk in response.chunks():
+                    chunk = meter.feed(chunk)
+                    if chunk:
+                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                rest = meter.close()
+                if rest:
+                    await send({"type": "http.response.body", "body": rest, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             return True
         except UpstreamError as exc:
@@ -321,6 +330,8 @@ class Relay:
             log.warning("upstream failed mid-response: %s (id=%s)", exc.message, info.id_text)
             return False
         finally:
+            if meter is not None:
+                meter.end()
             await response.aclose()
 
 

@@ -18,7 +18,6 @@ Metrics (tokens per key and model) read the same figures from ``RequestInfo.usag
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
@@ -142,26 +141,26 @@ class Meter:
         self._stripper = UsageStripper() if strip else None
         self._tail = b""
 
-    async def relay(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    def feed(self, chunk: bytes) -> bytes:
+        """What of ``chunk`` goes to the client now (all of it, unless stripping)."""
         stripper = self._stripper
-        try:
-            async for chunk in chunks:
-                if stripper is not None:
-                    chunk = stripper.feed(chunk)
-                    if chunk:
-                        yield chunk
-                    continue
-                if self._stream:
-                    self._info.generated += chunk.count(b"data: ")
-                self._tail = (self._tail + chunk)[-_TAIL:]
-                yield chunk
-            if stripper is not None:
-                rest = stripper.close()
-                if rest:
-                    yield rest
-        finally:
-            if stripper is not None:
-                self._info.usage = stripper.usage
-                self._info.generated = stripper.events
-            else:
-                self._info.usage = usage_in(self._tail)
+        if stripper is not None:
+            return stripper.feed(chunk)
+        if self._stream:
+            self._info.generated += chunk.count(b"data: ")
+        tail = self._tail
+        self._tail = (tail + chunk)[-_TAIL:] if tail else chunk[-_TAIL:]
+        return chunk
+
+    def close(self) -> bytes:
+        """The bytes still held when the answer ended completely (send them last)."""
+        return self._stripper.close() if self._stripper is not None else b""
+
+    def end(self) -> None:
+        """Record the usage found in ``info`` (once, however the answer ended)."""
+        stripper = self._stripper
+        if stripper is not None:
+            self._info.usage = stripper.usage
+            self._info.generated = stripper.events
+        else:
+            self._info.usage = usage_in(self._tail)

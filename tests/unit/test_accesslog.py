@@ -12,7 +12,9 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from proxy.accesslog import AccessLogMiddleware, escape
+from proxy.accesslog import escape
+from proxy.front import Front
+from proxy.inflight import InFlight
 
 
 @pytest.mark.parametrize(
@@ -36,9 +38,30 @@ def test_a_500_is_logged_with_status_500(caplog: pytest.LogCaptureFixture) -> No
     async def boom(request: Request) -> Response:
         raise RuntimeError("boom")
 
-    app = Starlette(routes=[Route("/boom", boom)], middleware=[Middleware(AccessLogMiddleware)])
+    tracker = InFlight()
+    app = Starlette(routes=[Route("/boom", boom)], middleware=[Middleware(Front, tracker=tracker)])
     with caplog.at_level(logging.INFO, logger="proxy.access"):
         with TestClient(app, raise_server_exceptions=False) as client:
             assert client.get("/boom").status_code == 500
     lines = [r.getMessage() for r in caplog.records if r.name == "proxy.access"]
     assert len(lines) == 1 and lines[0].startswith("GET /boom 500 "), lines
+    assert tracker.count == 0
+
+
+def test_the_v1_front_answers_an_unexpected_error_with_json_500(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def boom(scope, receive, send) -> None:  # type: ignore[no-untyped-def]
+        if scope["type"] == "http":
+            raise RuntimeError("boom")
+
+    app = Front(boom, tracker=InFlight(), answer_errors=True)
+    with caplog.at_level(logging.INFO):
+        client = TestClient(app, raise_server_exceptions=True)  # not raised: answered
+        response = client.post("/v1/chat/completions", content=b"{}")
+    assert response.status_code == 500
+    assert response.json()["error"]["type"] == "internal_error"
+    assert response.headers["x-request-id"]
+    access = [r.getMessage() for r in caplog.records if r.name == "proxy.access"]
+    assert len(access) == 1 and access[0].startswith("POST /v1/chat/completions 500 "), access
+    assert any(r.exc_info for r in caplog.records if r.name == "proxy.front")
