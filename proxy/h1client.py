@@ -295,6 +295,7 @@ class _Connection(asyncio.Protocol):
         head = self.head
         self.head = None
         response = Response(self, status, self.headers, self.read_timeout)
+        self.headers = []  # trailers after a chunked body land here, never in the head
         if status == 101:
             self.reusable = False
         if self.head_only:

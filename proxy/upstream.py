@@ -15,6 +15,7 @@ import asyncio
 import base64
 import logging
 import os
+import ssl
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from types import TracebackType
@@ -88,6 +89,9 @@ def mapped_errors(phase: str, timeout: float) -> Iterator[None]:
 def _os_reason(exc: h1.ConnectError) -> str:
     """``connection refused``: the OS's words for why the connect failed."""
     err = exc.os_error
+    if isinstance(err, ssl.SSLError):  # its errno is OpenSSL's, not the OS's
+        text = getattr(err, "verify_message", None) or err.reason or str(err)
+        return f"TLS: {text}"
     errno = getattr(err, "errno", None)
     text = os.strerror(errno) if isinstance(errno, int) and errno > 0 else ""
     if not text:

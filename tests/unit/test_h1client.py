@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import shutil
 import socket
+import ssl
+import subprocess
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import pytest
 
@@ -129,7 +133,7 @@ def test_chunked_bodies_stream_as_they_arrive_and_close_delimited_ones_end_at_eo
             if b"/chunked" in request:
                 writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nfirst\r\n")
                 await step.wait()
-                writer.write(b"6\r\nsecond\r\n0\r\n\r\n")
+                writer.write(b"6\r\nsecond\r\n0\r\nx-trailer: t\r\n\r\n")
                 await writer.drain()
             else:
                 writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\nuntil the end")
@@ -142,6 +146,7 @@ def test_chunked_bodies_stream_as_they_arrive_and_close_delimited_ones_end_at_eo
             step.set()
             assert await r.readany() == b"second"
             assert await r.readany() == b""
+            assert [n for n, _ in r.headers] == [b"transfer-encoding"]  # no trailer in the head
             r = await p.request(b"GET", origin(server), b"/eof", [], b"", 5)
             assert await body_of(r) == b"until the end"
             await p.aclose()
@@ -355,5 +360,86 @@ def test_dns_names_and_ipv6_literals() -> None:
             await p.aclose()
         finally:
             await server.__aexit__()
+
+    run(main())
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+def test_https_upstreams_verify_the_certificate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-subj",
+        "/CN=test ca",
+        "-days",
+        "2",
+    )
+    openssl(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "s.key",
+        "-out",
+        "s.csr",
+        "-subj",
+        "/CN=localhost",
+    )
+    (tmp_path / "ext").write_text("subjectAltName=DNS:localhost\n")
+    openssl(
+        "x509",
+        "-req",
+        "-in",
+        "s.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "s.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "ext",
+    )
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(tmp_path / "s.pem", tmp_path / "s.key")
+
+    async def main() -> None:
+        async def handler(reader, writer):
+            head = await reader.readuntil(b"\r\n\r\n")
+            writer.write(ok(head.split(b" ")[1]))
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(handler, "127.0.0.1", 0, ssl=server_ctx)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            p = pool()  # the default context: the system's CAs, here the test CA only
+            with pytest.raises(h1.ConnectError) as untrusted:  # the CA is not trusted yet
+                await p.request(b"GET", h1.Origin(f"https://localhost:{port}"), b"/", [], b"", 5)
+            assert _os_reason(untrusted.value).startswith("TLS: ")
+            assert "certificate" in _os_reason(untrusted.value), _os_reason(untrusted.value)
+            monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "ca.pem"))
+            p = pool()
+            r = await p.request(b"GET", h1.Origin(f"https://localhost:{port}"), b"/tls", [], b"", 5)
+            assert await body_of(r) == b"/tls"
+            await p.aclose()
+        finally:
+            server.close()
 
     run(main())
