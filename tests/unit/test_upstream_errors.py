@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from proxy.errors import upstream_error
-from proxy.upstream import served_models
+from proxy.upstream import served_models, split_credentials
 
 VLLM_404 = (
     b'{"error":{"message":"The model `x` does not exist.","type":"NotFoundError",'
@@ -53,3 +53,16 @@ def test_upstream_error(status: int, body: bytes, expected: tuple) -> None:
 )
 def test_served_models(body: bytes, expected: list[str] | None) -> None:
     assert served_models(body) == expected
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("http://h:8000/v1/", ("http://h:8000/v1", None)),
+        ("http://u:p@h:8000/v1", ("http://h:8000/v1", "Basic dTpw")),  # u:p
+        ("https://u%40x:p%3Aw@[::1]/v1", ("https://[::1]/v1", "Basic dUB4OnA6dw==")),  # u@x:p:w
+        ("http://tok@h/v1", ("http://h/v1", "Basic dG9rOg==")),  # tok:
+    ],
+)
+def test_split_credentials(url: str, expected: tuple[str, str | None]) -> None:
+    assert split_credentials(url) == expected
