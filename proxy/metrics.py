@@ -36,6 +36,7 @@ import asyncio
 import glob
 import logging
 import os
+from bisect import bisect_left
 from collections.abc import Callable, Container, Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -170,21 +171,59 @@ class _Family:
     """A labelled metric with its children cached by label values.
 
     prometheus-client's ``labels()`` costs ~5 µs (validation, a lock); a dict lookup
-    on the tuple ~0.1 µs. The label sets are bounded, so is the cache.
+    on the tuple ~0.1 µs. The label sets are bounded, so is the cache. Each child is
+    handed out wrapped (:class:`_Value`, :class:`_Buckets`): the same values updated
+    the same way, without the library's per-call checks that cannot fail here.
     """
 
-    __slots__ = ("_children", "metric")
+    __slots__ = ("_children", "_wrap", "metric")
 
     def __init__(self, metric: Any) -> None:
         self.metric = metric
         self._children: dict[tuple[str, ...], Any] = {}
+        self._wrap = _Buckets if isinstance(metric, Histogram) else _Value
 
     def child(self, *labels: str) -> Any:
         try:
             return self._children[labels]
         except KeyError:
-            child = self._children[labels] = self.metric.labels(*labels)
+            child = self._children[labels] = self._wrap(self.metric.labels(*labels))
             return child
+
+
+class _Value:
+    """A counter's or gauge's child: ``inc``/``dec`` straight on its value (which takes
+    its lock, or writes the multiprocess file, as the library's own ``inc`` does).
+    Amounts are never negative for counters (token counts, ones)."""
+
+    __slots__ = ("_inc", "set")
+
+    def __init__(self, child: Any) -> None:
+        self._inc = child._value.inc
+        self.set = child.set if hasattr(child, "set") else None
+
+    def inc(self, amount: float = 1.0) -> None:
+        self._inc(amount)
+
+    def dec(self, amount: float = 1.0) -> None:
+        self._inc(-amount)
+
+
+class _Buckets:
+    """A histogram's child: ``observe`` adds to the sum and to the one bucket the value
+    falls in (prometheus-client keeps buckets uncumulated and sums them at a scrape),
+    found by bisection rather than a walk over every bound."""
+
+    __slots__ = ("_bounds", "_buckets", "_sum")
+
+    def __init__(self, child: Any) -> None:
+        self._bounds = list(child._upper_bounds)
+        self._buckets = [bucket.inc for bucket in child._buckets]
+        self._sum = child._sum.inc
+
+    def observe(self, amount: float) -> None:
+        self._sum(amount)
+        self._buckets[bisect_left(self._bounds, amount)](1)
 
 
 class NoMetrics:
