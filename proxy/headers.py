@@ -5,8 +5,8 @@ Lists stay lists: duplicate headers (``set-cookie``, ``vary``) matter.
 
 from __future__ import annotations
 
+import os
 import re
-import uuid
 from collections.abc import Iterable
 
 HeaderList = list[tuple[bytes, bytes]]
@@ -60,7 +60,7 @@ def request_id_from(headers: Iterable[tuple[bytes, bytes]]) -> bytes:
             if _REQUEST_ID_OK.match(value):
                 return value
             break
-    return uuid.uuid4().hex.encode()
+    return os.urandom(16).hex().encode()  # as random as uuid4().hex, without the UUID object
 
 
 def upstream_request_headers(
