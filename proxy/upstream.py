@@ -36,10 +36,13 @@ from proxy.errors import (
 )
 from proxy.h1client import PoolFull
 from proxy.headers import HeaderList
+from proxy.version import VERSION
 
 __all__ = ["MAX_READ_BYTES", "PoolFull", "Upstream", "UpstreamResponse", "mapped_errors"]
 
 log = logging.getLogger(__name__)
+# The gateway's own requests (health checks, model lists, metrics) say who sends them.
+_OWN_HEADERS = [(b"user-agent", f"vllm-wrapper/{VERSION}".encode())]
 
 # The most :meth:`UpstreamResponse.read` takes in (a whole answer the gateway parses).
 MAX_READ_BYTES = 16 * 1024 * 1024
@@ -334,7 +337,7 @@ class Upstream:
         origin, target = self._split(url)
         async with asyncio.timeout(h):
             response = await self.client.request(
-                b"GET", origin, target, [], b"", h, self._auth_line
+                b"GET", origin, target, _OWN_HEADERS, b"", h, self._auth_line
             )
             try:
                 upstream = UpstreamResponse(response, h)

@@ -122,9 +122,16 @@ class FaultState:
             "garbage": {"count": self.garbage_left},
         }
 
-    def take(self, headers: Mapping[bytes, bytes]) -> Faults:
-        """Faults for a new ``/v1/*`` request: its headers first, then the global ones."""
+    def take(self, headers: Mapping[bytes, bytes], *, counted: bool = True) -> Faults:
+        """Faults for a new ``/v1/*`` request: its headers first, then the global ones.
+        ``counted=False`` (a gateway's own poll of ``/v1/models``, sent with its
+        ``user-agent``): only its headers' faults, so a test's "fail the next N" or
+        "delay the next N" is not taken by a poll that happened to come in between."""
         f = Faults()
+        if not counted:
+            if headers:
+                _from_headers(f, headers)
+            return f
         if self.fail_left > 0:
             self.fail_left -= 1
             f.fail_status, f.retry_after, f.fail_body = (
