@@ -10,10 +10,12 @@ transaction). Redis runs the same algorithm as Lua (``proxy.state.redis``).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import orjson
 
 from proxy.state import COUNTER, LEASE, WINDOW, Claim, Outcome, tokens_needed
+from proxy.state.batch import RESERVE, SETTLE, Op
 
 # How long a request id's outcome is remembered (a retried command within this time
 # sees the first outcome).
@@ -146,6 +148,19 @@ class LocalLimits:
         for claim in claims:
             if claim.kind == LEASE and any(m == rid for m, _ in self.lease_live(claim.key, now)):
                 self.lease_set(claim.key, rid, now + claim.seconds)
+
+    def run_now(self, batch: Sequence[Op], now: float) -> list[Any]:
+        """A batch of calls (``proxy.state.batch``), in order; an Outcome per reservation."""
+        out: list[Any] = []
+        for op in batch:
+            if op.kind == RESERVE:
+                out.append(self.reserve_now(op.rid, op.claims, now))
+            elif op.kind == SETTLE:
+                assert op.actual is not None
+                out.append(self.settle_now(op.rid, op.claims, op.actual, now))
+            else:
+                out.append(self.renew_now(op.rid, op.claims, now))
+        return out
 
     def peek_now(self, claims: Sequence[Claim], now: float) -> list[tuple[int, float]]:
         out = []

@@ -7,6 +7,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 
 from proxy.state import Claim, Outcome
+from proxy.state.batch import OnError
 from proxy.state.local import LocalLimits
 
 
@@ -132,6 +133,11 @@ class MemoryState(LocalLimits):
         return self.reserve_now(rid, claims, self.clock())
 
     async def settle(self, rid: str, claims: Sequence[Claim], actual: Sequence[int]) -> None:
+        self.settle_now(rid, claims, actual, self.clock())
+
+    def settle_soon(
+        self, rid: str, claims: Sequence[Claim], actual: Sequence[int], on_error: OnError
+    ) -> None:
         self.settle_now(rid, claims, actual, self.clock())
 
     async def renew(self, rid: str, claims: Sequence[Claim]) -> None:

@@ -2,9 +2,11 @@
 
 Exact for any number of ``--workers``: each operation is one ``BEGIN IMMEDIATE``
 transaction (a write lock on the file for its duration, a few hundred
-microseconds), so two processes never interleave a check and its charge. WAL
-journaling lets readers go on meanwhile. The file survives restarts, so quota
-totals do. Calls run on one worker thread per process, off the event loop.
+microseconds), so two processes never interleave a check and its charge; the
+limit calls made while one transaction runs share the next one
+(``proxy.state.batch``). WAL journaling lets readers go on meanwhile. The file
+survives restarts, so quota totals do. Calls run on one worker thread per
+process, off the event loop.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from proxy.state import Claim, Outcome, StateUnavailable
+from proxy.state.batch import Batcher, OnError, Op
 from proxy.state.local import LocalLimits
 
 T = TypeVar("T")
@@ -57,6 +60,7 @@ class SQLiteState(LocalLimits):
         self._db: sqlite3.Connection | None = None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-state")
         self._ops = 0
+        self._batcher = Batcher(self._run_batch)
 
     # ---- plumbing -----------------------------------------------------------------------
 
@@ -209,14 +213,22 @@ class SQLiteState(LocalLimits):
 
     # ---- State --------------------------------------------------------------------------
 
+    async def _run_batch(self, batch: list[Op]) -> list[Any]:
+        return await self._run(lambda now: self.run_now(batch, now))
+
     async def reserve(self, rid: str, claims: Sequence[Claim]) -> Outcome:
-        return await self._run(lambda now: self.reserve_now(rid, claims, now))
+        return await self._batcher.reserve(rid, claims)
 
     async def settle(self, rid: str, claims: Sequence[Claim], actual: Sequence[int]) -> None:
-        await self._run(lambda now: self.settle_now(rid, claims, actual, now))
+        await self._batcher.settle(rid, claims, actual)
+
+    def settle_soon(
+        self, rid: str, claims: Sequence[Claim], actual: Sequence[int], on_error: OnError
+    ) -> None:
+        self._batcher.settle_soon(rid, claims, actual, on_error)
 
     async def renew(self, rid: str, claims: Sequence[Claim]) -> None:
-        await self._run(lambda now: self.renew_now(rid, claims, now))
+        await self._batcher.renew(rid, claims)
 
     async def peek(self, claims: Sequence[Claim]) -> list[tuple[int, float]]:
         return await self._run(lambda now: self.peek_now(claims, now))
@@ -314,6 +326,8 @@ class SQLiteState(LocalLimits):
         return await self._run(op)
 
     async def close(self) -> None:
+        await self._batcher.drain(timeout=max(self.timeout, 1.0))
+
         def shut() -> None:
             if self._db is not None:
                 self._db.close()
