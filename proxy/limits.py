@@ -154,18 +154,30 @@ def estimate_tokens(body: bytes, parsed: dict[str, Any] | None, path: str, defau
     return prompt + (default if answer is None else answer) * n
 
 
+_RPM_HEADERS = (
+    b"x-ratelimit-limit-requests",
+    b"x-ratelimit-remaining-requests",
+    b"x-ratelimit-reset-requests",
+)
+_TPM_HEADERS = (
+    b"x-ratelimit-limit-tokens",
+    b"x-ratelimit-remaining-tokens",
+    b"x-ratelimit-reset-tokens",
+)
+
+
 def ratelimit_headers(claims: Sequence[Claim], used: Sequence[int], reset: Sequence[float]):
     """OpenAI's ``x-ratelimit-*`` headers for the rpm and tpm claims."""
     headers: list[tuple[bytes, bytes]] = []
     for claim, u, r in zip(claims, used, reset, strict=True):
         if claim.kind != WINDOW:
             continue
-        what = b"requests" if claim.key.endswith(":rpm") else b"tokens"
-        headers += [
-            (b"x-ratelimit-limit-" + what, str(claim.limit).encode()),
-            (b"x-ratelimit-remaining-" + what, str(max(claim.limit - u, 0)).encode()),
-            (b"x-ratelimit-reset-" + what, go_duration(r).encode()),
-        ]
+        limit, remaining, reset_name = _RPM_HEADERS if claim.key.endswith(":rpm") else _TPM_HEADERS
+        headers += (
+            (limit, b"%d" % claim.limit),
+            (remaining, b"%d" % max(claim.limit - u, 0)),
+            (reset_name, go_duration(r).encode()),
+        )
     return headers
 
 

@@ -3,7 +3,8 @@
 Every ``reserve``, ``settle`` and ``renew`` made while the previous batch runs (or
 in the same event-loop iteration, when none runs) goes to the backend as one batch:
 one transaction on SQLite, one script call on Redis, applied in the order the calls
-were made. One batch runs at a time, so a settlement queued before a reservation is
+were made. ``depth`` batches run at a time (1 for Redis; 2 for SQLite, whose one
+worker thread runs them in order), so a settlement queued before a reservation is
 always applied before it. Under load a batch carries many requests' calls; alone, a
 request's call goes out at once (one loop iteration later).
 
@@ -56,14 +57,16 @@ Runner = Callable[[list[Op]], Awaitable[list[Any]]]
 class Batcher:
     """Queues limit calls and runs them through ``run`` a batch at a time."""
 
-    def __init__(self, run: Runner, *, batch: int = 256, queued: int = 10_000) -> None:
+    def __init__(
+        self, run: Runner, *, depth: int = 1, batch: int = 256, queued: int = 10_000
+    ) -> None:
         self._run = run
+        self.depth = depth
         self.batch = batch
         self.queued = queued
         self._ops: list[Op] = []
-        self._busy = False
+        self._running: set[asyncio.Task[None]] = set()
         self._scheduled = False
-        self._task: asyncio.Task[None] | None = None
 
     # ---- the State methods --------------------------------------------------------------
 
@@ -93,9 +96,9 @@ class Batcher:
         """Wait (at most ``timeout`` seconds) until every queued call has run."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        while (self._ops or self._busy) and loop.time() < deadline:
-            if self._task is not None and not self._task.done():
-                await asyncio.wait([self._task], timeout=deadline - loop.time())
+        while (self._ops or self._running) and loop.time() < deadline:
+            if self._running:
+                await asyncio.wait(list(self._running), timeout=deadline - loop.time())
             else:
                 await asyncio.sleep(0.001)  # a batch is about to start
 
@@ -106,18 +109,19 @@ class Batcher:
             _fail(op, StateUnavailable(f"more than {self.queued} state calls queued"))
             return
         self._ops.append(op)
-        if not (self._busy or self._scheduled):
+        if not self._scheduled and len(self._running) < self.depth:
             self._scheduled = True
             asyncio.get_running_loop().call_soon(self._start)
 
     def _start(self) -> None:
         self._scheduled = False
-        if self._busy or not self._ops:
+        if len(self._running) >= self.depth or not self._ops:
             return
         batch = self._ops[: self.batch]
         del self._ops[: self.batch]
-        self._busy = True
-        self._task = asyncio.ensure_future(self._go(batch))
+        task = asyncio.ensure_future(self._go(batch))
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
 
     async def _go(self, batch: list[Op]) -> None:
         results: list[Any] | None = None
@@ -127,7 +131,7 @@ class Batcher:
         except StateUnavailable as exc:
             error = exc
         finally:
-            self._busy = False
+            self._running.discard(asyncio.current_task())  # type: ignore[arg-type]
             self._deliver(batch, results, error)
             if self._ops and not self._scheduled:
                 self._start()

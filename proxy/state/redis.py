@@ -30,7 +30,7 @@ from redis.exceptions import RedisError
 from redis.retry import Retry
 
 from proxy.state import Claim, Outcome, StateUnavailable
-from proxy.state.batch import RESERVE, SETTLE, Batcher, OnError, Op
+from proxy.state.batch import RESERVE, Batcher, OnError, Op
 
 PREFIX = "vw:"
 MARK_MS = 30_000
@@ -87,10 +87,10 @@ local function use(k, kind, seconds, need, limit, rid)
 end
 """
 
-# A batch (proxy.state.batch). ARGV: prefix, mark ms, then the ops as JSON, in order:
-#   ["r", rid, [[key, kind, limit, seconds, amount, need], ...]]   reserve
-#   ["s", rid, [[key, kind, reserved, actual], ...]]              settle
-#   ["n", rid, [[key, seconds], ...]]                             renew (leases)
+# A batch (proxy.state.batch). ARGV: prefix, mark ms, then the ops as JSON, in order,
+# each [op, rid, claims, actual] with claims [[key, kind, limit, seconds, amount, need]]
+# (need null: the amount): op "r" reserve, "s" settle (actual[i]: claim i's real
+# amount), "n" renew (the claims are leases).
 # Returns JSON: per op, [admitted, used, reset, refused, retry_after] for a reserve, else 0.
 _BATCH = (
     _COMMON
@@ -103,6 +103,7 @@ local function reserve(rid, claims)
   local admitted, refused, retry_after = true, cjson.null, 0
   local used, reset = {}, {}
   for i, c in ipairs(claims) do
+    if c[6] == cjson.null then c[6] = c[5] end
     local u, r, w = use(prefix .. c[1], c[2], c[4], c[6], c[3], rid)
     if admitted and u + c[6] > c[3] then
       admitted, refused, retry_after = false, i - 1, w
@@ -133,10 +134,10 @@ local function reserve(rid, claims)
   redis.call('SET', mark, cjson.encode(out), 'PX', markms)
   return out
 end
-local function settle(rid, claims)
+local function settle(rid, claims, amounts)
   if not redis.call('SET', prefix .. 'mark:s:' .. rid, '1', 'NX', 'PX', markms) then return 0 end
-  for _, c in ipairs(claims) do
-    local k, kind, reserved, actual = prefix .. c[1], c[2], c[3], c[4]
+  for i, c in ipairs(claims) do
+    local k, kind, reserved, actual = prefix .. c[1], c[2], c[5], amounts[i]
     if kind == 'window' then
       local old = redis.call('HGET', k .. ':a', rid)
       if old then
@@ -155,7 +156,7 @@ local function settle(rid, claims)
 end
 local function renew(rid, claims)
   for _, c in ipairs(claims) do
-    local k, seconds = prefix .. c[1], c[2]
+    local k, seconds = prefix .. c[1], c[4]
     if redis.call('ZSCORE', k, rid) then
       redis.call('ZADD', k, fmt(now + seconds), rid)
       redis.call('PEXPIRE', k, math.ceil(seconds * 1000) + 1000)
@@ -166,7 +167,7 @@ end
 local out = {}
 for i, op in ipairs(cjson.decode(ARGV[3])) do
   if op[1] == 'r' then out[i] = reserve(op[2], op[3])
-  elseif op[1] == 's' then out[i] = settle(op[2], op[3])
+  elseif op[1] == 's' then out[i] = settle(op[2], op[3], op[4])
   else out[i] = renew(op[2], op[3]) end
 end
 return cjson.encode(out)
@@ -231,21 +232,9 @@ class RedisState:
             raise StateUnavailable(f"redis: {type(exc).__name__}: {exc}") from exc
 
     async def _run_batch(self, batch: list[Op]) -> list[Any]:
-        ops: list[Any] = []
-        for op in batch:
-            if op.kind == RESERVE:
-                claims = [
-                    (c.key, c.kind, c.limit, c.seconds, c.amount, c.required) for c in op.claims
-                ]
-            elif op.kind == SETTLE:
-                assert op.actual is not None
-                claims = [
-                    (c.key, c.kind, c.amount, a) for c, a in zip(op.claims, op.actual, strict=True)
-                ]
-            else:
-                claims = [(c.key, c.seconds) for c in op.claims]
-            ops.append((op.kind, op.rid, claims))
-        raw = await self._call(self._batch(args=[self.prefix, MARK_MS, orjson.dumps(ops)]))
+        # Claims are tuples: orjson writes each as an array (default=tuple).
+        ops = orjson.dumps([(op.kind, op.rid, op.claims, op.actual) for op in batch], default=tuple)
+        raw = await self._call(self._batch(args=[self.prefix, MARK_MS, ops]))
         return [
             _outcome(r) if op.kind == RESERVE else None
             for op, r in zip(batch, orjson.loads(raw), strict=True)
@@ -332,8 +321,13 @@ class RedisState:
 
 
 def _outcome(raw: list[Any]) -> Outcome:
+    # Lua numbers: integral ones come back as JSON integers. cjson writes an empty table
+    # as {}.
     admitted, used, reset, refused, retry_after = raw
-    # cjson encodes an empty table as {}
-    used = [int(u) for u in used] if isinstance(used, list) else []
-    reset = [float(x) for x in reset] if isinstance(reset, list) else []
-    return Outcome(bool(admitted), used, reset, refused, float(retry_after))
+    return Outcome(
+        admitted,
+        used if isinstance(used, list) else [],
+        reset if isinstance(reset, list) else [],
+        refused,
+        retry_after,
+    )

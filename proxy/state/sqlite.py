@@ -19,6 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
+import orjson
+
 from proxy.state import Claim, Outcome, StateUnavailable
 from proxy.state.batch import Batcher, OnError, Op
 from proxy.state.local import LocalLimits
@@ -60,7 +62,7 @@ class SQLiteState(LocalLimits):
         self._db: sqlite3.Connection | None = None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-state")
         self._ops = 0
-        self._batcher = Batcher(self._run_batch)
+        self._batcher = Batcher(self._run_batch, depth=2)
 
     # ---- plumbing -----------------------------------------------------------------------
 
@@ -140,11 +142,19 @@ class SQLiteState(LocalLimits):
 
     # ---- limit primitives (inside a transaction) ------------------------------------------
 
-    def mark_get(self, name: str, now: float) -> bytes | None:
-        return self._one("SELECT value FROM marks WHERE name=? AND expires>?", (name, now))
+    def mark_get(self, name: str, now: float) -> Any:
+        raw = self._one("SELECT value FROM marks WHERE name=? AND expires>?", (name, now))
+        if raw is None:
+            return None
+        data = orjson.loads(raw)
+        return Outcome(*data) if isinstance(data, list) else data
 
-    def mark_set(self, name: str, value: bytes, expires: float) -> None:
-        self._exec("INSERT OR REPLACE INTO marks VALUES (?,?,?)", (name, value, expires))
+    def mark_set(self, name: str, value: Any, expires: float) -> None:
+        if isinstance(value, Outcome):
+            value = [value.admitted, value.used, value.reset, value.refused, value.retry_after]
+        self._exec(
+            "INSERT OR REPLACE INTO marks VALUES (?,?,?)", (name, orjson.dumps(value), expires)
+        )
 
     def win_use(self, key: str, since: float) -> tuple[int, float | None]:
         db = self._connect()
@@ -200,10 +210,21 @@ class SQLiteState(LocalLimits):
         if not done and create:
             self._exec("INSERT OR REPLACE INTO counters VALUES (?,?,?)", (key, delta, expires))
 
-    def lease_live(self, key: str, now: float) -> list[tuple[str, float]]:
+    def lease_use(self, key: str, now: float, rid: str) -> tuple[int, float | None]:
         db = self._connect()
         db.execute("DELETE FROM leases WHERE key=? AND expires<=?", (key, now))
-        return db.execute("SELECT member, expires FROM leases WHERE key=?", (key,)).fetchall()
+        count, mine, first = db.execute(
+            "SELECT COUNT(*), COALESCE(SUM(member=?),0), MIN(expires) FROM leases WHERE key=?",
+            (rid, key),
+        ).fetchone()
+        return count - mine, first
+
+    def lease_held(self, key: str, now: float, rid: str) -> bool:
+        return bool(
+            self._one(
+                "SELECT 1 FROM leases WHERE key=? AND member=? AND expires>?", (key, rid, now)
+            )
+        )
 
     def lease_set(self, key: str, member: str, expires: float) -> None:
         self._exec("INSERT OR REPLACE INTO leases VALUES (?,?,?)", (key, member, expires))
