@@ -1,4 +1,7 @@
-"""Redis state (redis-py's asyncio client): shared by every process and host.
+"""Redis state: shared by every process and host.
+
+The limit calls (reserve, settle, renew) go through a lean connection of their own
+(``proxy.state.resp``); the rest uses redis-py's asyncio client.
 
 Every operation that reads and then writes is one Lua script, so it is atomic in
 Redis, and the clock is Redis's own (``TIME``), so hosts need not agree on the
@@ -6,7 +9,8 @@ time. The limit calls go in batches (``proxy.state.batch``): one script call
 runs every reserve, settle and renew queued meanwhile, in order, and returns
 their outcomes. ``reserve`` and ``settle`` remember their outcome under the
 request id (``mark:r:<rid>``, ``mark:s:<rid>``, 30 s): redis-py retries a
-command after a timeout, and a repeat must not charge twice. Timeouts are short
+command after a timeout, and a repeat must not charge twice (the limit calls'
+own connection does not retry). Timeouts are short
 (``[state] timeout``, default 0.25 s) so a slow Redis cannot stall a request for
 long; failures become :class:`StateUnavailable`. The client reconnects by
 itself on the next call, and re-sends a script Redis forgot after a restart.
@@ -31,6 +35,7 @@ from redis.retry import Retry
 
 from proxy.state import Claim, Outcome, StateUnavailable
 from proxy.state.batch import RESERVE, Batcher, OnError, Op
+from proxy.state.resp import RedisLink, Script
 
 PREFIX = "vw:"
 MARK_MS = 30_000
@@ -219,7 +224,8 @@ class RedisState:
             retry=Retry(ExponentialBackoff(cap=0.05, base=0.01), 1),
             health_check_interval=30,
         )
-        self._batch = self._r.register_script(_BATCH)
+        self._link = RedisLink(url, timeout=timeout)
+        self._batch = Script(self._link, _BATCH)
         self._batcher = Batcher(self._run_batch)
         self._peek = self._r.register_script(_PEEK)
         self._lock = self._r.register_script(_LOCK)
@@ -234,7 +240,7 @@ class RedisState:
     async def _run_batch(self, batch: list[Op]) -> list[Any]:
         # Claims are tuples: orjson writes each as an array (default=tuple).
         ops = orjson.dumps([(op.kind, op.rid, op.claims, op.actual) for op in batch], default=tuple)
-        raw = await self._call(self._batch(args=[self.prefix, MARK_MS, ops]))
+        raw = await self._batch(self.prefix, MARK_MS, ops)
         return [
             _outcome(r) if op.kind == RESERVE else None
             for op, r in zip(batch, orjson.loads(raw), strict=True)
@@ -317,6 +323,7 @@ class RedisState:
 
     async def close(self) -> None:
         await self._batcher.drain(timeout=1.0)
+        await self._link.close()
         await self._r.aclose()
 
 
