@@ -142,8 +142,9 @@ class State(Protocol):
         on_error: Callable[[StateUnavailable], None],
     ) -> None:
         """:meth:`settle` without waiting: the backend applies it with its next batch
-        (memory: at once) and calls ``on_error`` if it cannot. :meth:`close` sends what
-        is still queued."""
+        (memory: at once), before any later :meth:`reserve` of this handle, and calls
+        ``on_error`` if it cannot (:meth:`peek` may not see it yet). :meth:`close`
+        sends what is still queued."""
 
     async def renew(self, rid: str, claims: Sequence[Claim]) -> None:
         """Extend this request's leases by their ``seconds`` from now."""

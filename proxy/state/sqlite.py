@@ -63,6 +63,7 @@ class SQLiteState(LocalLimits):
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-state")
         self._ops = 0
         self._batcher = Batcher(self._run_batch, depth=2)
+        self._closed = False
 
     # ---- plumbing -----------------------------------------------------------------------
 
@@ -347,6 +348,9 @@ class SQLiteState(LocalLimits):
         return await self._run(op)
 
     async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         await self._batcher.drain(timeout=max(self.timeout, 1.0))
 
         def shut() -> None:
