@@ -166,11 +166,14 @@ class SQLiteState(LocalLimits):
         if count:
             db.execute("DELETE FROM windows WHERE key=? AND t<=?", (key, since))
             db.execute("UPDATE wsum SET total=total-? WHERE key=?", (gone, key))
-        oldest = self._one("SELECT MIN(t) FROM windows WHERE key=?", (key,))
+        oldest, total = db.execute(
+            "SELECT MIN(t), (SELECT total FROM wsum WHERE key=?1) FROM windows WHERE key=?1",
+            (key,),
+        ).fetchone()
         if oldest is None:
             db.execute("DELETE FROM wsum WHERE key=?", (key,))
             return 0, None
-        return int(self._one("SELECT total FROM wsum WHERE key=?", (key,)) or 0), oldest
+        return int(total or 0), oldest
 
     def win_entries(self, key: str) -> list[tuple[float, int]]:
         return (
@@ -186,10 +189,12 @@ class SQLiteState(LocalLimits):
         )
 
     def win_add(self, key: str, member: str, t: float, amount: int, expires: float) -> None:
+        row = (key, member, t, amount, expires)
+        if self._exec("INSERT OR IGNORE INTO windows VALUES (?,?,?,?,?)", row):
+            self._wsum_add(key, amount)  # a new entry: the usual case
+            return
         old = self._one("SELECT amount FROM windows WHERE key=? AND member=?", (key, member))
-        self._exec(
-            "INSERT OR REPLACE INTO windows VALUES (?,?,?,?,?)", (key, member, t, amount, expires)
-        )
+        self._exec("INSERT OR REPLACE INTO windows VALUES (?,?,?,?,?)", row)
         self._wsum_add(key, amount - (old or 0))
 
     def win_set(self, key: str, member: str, amount: int) -> None:
