@@ -191,8 +191,8 @@ class Ticket:
         "leases",
         "limiter",
         "prompt",
+        "renewed",
         "rid",
-        "started",
         "strip",
     )
 
@@ -214,7 +214,7 @@ class Ticket:
         self.body = body
         self.strip = strip
         self.leases = [c for c in claims if c.kind == LEASE]
-        self.started = time.monotonic()
+        self.renewed = time.monotonic()
         if self.leases:
             limiter.hold(self)
 
@@ -324,7 +324,8 @@ class Limiter:
 
     def hold(self, ticket: Ticket) -> None:
         """Keep ``ticket``'s leases renewed until :meth:`release`: one timer for all
-        tickets, firing every third of the lease time while any is held."""
+        tickets, firing every sixth of the lease time while any is held, renews each
+        lease a third to half of its time after it was taken or last renewed."""
         self._held[ticket.rid] = ticket
         if self._renewer is None:
             self._arm()
@@ -333,7 +334,7 @@ class Limiter:
         self._held.pop(ticket.rid, None)
 
     def _arm(self) -> None:
-        every = self.keys.ring.limits.lease_seconds / 3
+        every = self.keys.ring.limits.lease_seconds / 6
         self._renewer = asyncio.get_running_loop().call_later(every, self._renew_due)
 
     def _renew_due(self) -> None:
@@ -342,8 +343,8 @@ class Limiter:
             return
         now = time.monotonic()
         for ticket in list(self._held.values()):
-            every = min(c.seconds for c in ticket.leases) / 3
-            if now - ticket.started >= every:
+            if now - ticket.renewed >= min(c.seconds for c in ticket.leases) / 3:
+                ticket.renewed = now
                 self.run_later(self._renew(ticket.rid, ticket.leases))
         self._arm()
 

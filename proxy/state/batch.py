@@ -3,7 +3,10 @@
 Every ``reserve``, ``settle`` and ``renew`` made while the previous batch runs (or
 in the same event-loop iteration, when none runs) goes to the backend as one batch:
 one transaction on SQLite, one script call on Redis, applied in the order the calls
-were made. ``depth`` batches run at a time (1 for Redis; 2 for SQLite, whose one
+were made. A settlement nobody waits for lingers a few milliseconds for the next
+reservation to take it along (at low rates, one batch per request instead of
+two); a call someone waits for (a reservation) goes out at once.
+``depth`` batches run at a time (1 for Redis; 2 for SQLite, whose one
 worker thread runs them in order), so a settlement queued before a reservation is
 always applied before it. Under load a batch carries many requests' calls; alone, a
 request's call goes out at once (one loop iteration later).
@@ -58,15 +61,23 @@ class Batcher:
     """Queues limit calls and runs them through ``run`` a batch at a time."""
 
     def __init__(
-        self, run: Runner, *, depth: int = 1, batch: int = 256, queued: int = 10_000
+        self,
+        run: Runner,
+        *,
+        depth: int = 1,
+        linger: float = 0.005,
+        batch: int = 256,
+        queued: int = 10_000,
     ) -> None:
         self._run = run
         self.depth = depth
+        self.linger = linger
         self.batch = batch
         self.queued = queued
         self._ops: list[Op] = []
         self._running: set[asyncio.Task[None]] = set()
         self._scheduled = False
+        self._lingering: asyncio.TimerHandle | None = None
 
     # ---- the State methods --------------------------------------------------------------
 
@@ -83,7 +94,7 @@ class Batcher:
     def settle_soon(
         self, rid: str, claims: Sequence[Claim], actual: Sequence[int], on_error: OnError
     ) -> None:
-        self._submit(Op(SETTLE, rid, claims, actual, on_error=on_error))
+        self._submit(Op(SETTLE, rid, claims, actual, on_error=on_error), urgent=False)
 
     async def renew(self, rid: str, claims: Sequence[Claim]) -> None:
         leases = [c for c in claims if c.kind == LEASE]
@@ -97,6 +108,8 @@ class Batcher:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while (self._ops or self._running) and loop.time() < deadline:
+            if self._lingering is not None:
+                self._start()
             if self._running:
                 await asyncio.wait(list(self._running), timeout=deadline - loop.time())
             else:
@@ -104,17 +117,27 @@ class Batcher:
 
     # ---- the queue ----------------------------------------------------------------------
 
-    def _submit(self, op: Op) -> None:
+    def _submit(self, op: Op, *, urgent: bool = True) -> None:
+        """Queue ``op``. An urgent call (someone waits for it) starts a batch in this
+        loop iteration's wake; a settlement nobody waits for lingers up to ``linger``
+        seconds for company (the next reservation takes it along)."""
         if len(self._ops) >= self.queued:
             _fail(op, StateUnavailable(f"more than {self.queued} state calls queued"))
             return
         self._ops.append(op)
-        if not self._scheduled and len(self._running) < self.depth:
+        if self._scheduled or len(self._running) >= self.depth:
+            return  # a batch starts soon, or when the running one ends
+        if urgent:
             self._scheduled = True
             asyncio.get_running_loop().call_soon(self._start)
+        elif self._lingering is None:
+            self._lingering = asyncio.get_running_loop().call_later(self.linger, self._start)
 
     def _start(self) -> None:
         self._scheduled = False
+        if self._lingering is not None:
+            self._lingering.cancel()
+            self._lingering = None
         if len(self._running) >= self.depth or not self._ops:
             return
         batch = self._ops[: self.batch]
