@@ -4,11 +4,12 @@ password and database from the URL, scripts Redis forgot, a reply too late."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import redis
@@ -29,6 +30,15 @@ def anyio_backend() -> str:
 def server() -> Iterator[RedisServer]:
     with RedisServer() as s:
         yield s
+
+
+@contextlib.asynccontextmanager
+async def opened(url: str, timeout: float = 2.0) -> AsyncIterator[RedisState]:
+    state = RedisState(url, timeout=timeout)
+    try:
+        yield state
+    finally:
+        await state.close()
 
 
 def rid() -> str:
@@ -54,39 +64,29 @@ async def test_password_and_database_from_the_url(server: RedisServer) -> None:
     admin = redis.Redis(port=server.port)
     admin.config_set("requirepass", "s3cret")
     url = f"redis://:s3cret@127.0.0.1:{server.port}/3"
-    state = RedisState(url, timeout=2.0)
     claim = Claim("pw:rpm", WINDOW, limit=5, seconds=60)
-    try:
+    async with opened(url) as state:
         assert (await state.reserve(rid(), [claim])).admitted
         db3 = redis.Redis(port=server.port, password="s3cret", db=3)
         assert db3.exists("vw:pw:rpm") == 1
         assert redis.Redis(port=server.port, password="s3cret", db=0).exists("vw:pw:rpm") == 0
-    finally:
-        await state.close()
-    wrong = RedisState(f"redis://:nope@127.0.0.1:{server.port}/3", timeout=2.0)
-    try:
+    async with opened(f"redis://:nope@127.0.0.1:{server.port}/3") as wrong:
         with pytest.raises(StateUnavailable):
             await wrong.reserve(rid(), [claim])
-    finally:
-        await wrong.close()
 
 
 async def test_a_script_redis_forgot_is_sent_again(server: RedisServer) -> None:
-    state = RedisState(server.url, timeout=2.0)
     lease = Claim("fl:par", LEASE, limit=2, seconds=60)
-    try:
+    async with opened(server.url) as state:
         assert (await state.reserve(rid(), [lease])).admitted
         redis.Redis(port=server.port).script_flush()
         outcome = await state.reserve(rid(), [lease])
         assert outcome.admitted and outcome.used == [2]
-    finally:
-        await state.close()
 
 
 async def test_a_late_reply_fails_the_call_then_the_link_recovers(server: RedisServer) -> None:
-    state = RedisState(server.url, timeout=0.2)
     claim = Claim("late:rpm", WINDOW, limit=100, seconds=60)
-    try:
+    async with opened(server.url, timeout=0.2) as state:
         assert (await state.reserve(rid(), [claim])).admitted
         sleeper = threading.Thread(
             target=lambda: redis.Redis(port=server.port, socket_timeout=30).execute_command(
@@ -102,5 +102,3 @@ async def test_a_late_reply_fails_the_call_then_the_link_recovers(server: RedisS
         assert outcome.admitted
         # The refused call may or may not have been applied when Redis woke up: 2 or 3.
         assert outcome.used[0] in (2, 3)
-    finally:
-        await state.close()
