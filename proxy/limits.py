@@ -2,7 +2,7 @@
 
 For a request whose key has limits, :meth:`Limiter.admit` builds the key's
 claims and reserves them in one call to the shared :class:`~proxy.state.State`
-(one round trip on Redis):
+(at most one round trip on Redis, shared with the other calls of its batch):
 
 =================  ==================================================  ==========
 limit              state                                               reserves
@@ -19,9 +19,13 @@ The estimate is the prompt's size (request bytes / 4) plus ``max_tokens`` (or
 request names none). When the request ends, :meth:`Ticket.finish` corrects the
 reservation to the real usage (``RequestInfo.usage``, read by
 :class:`proxy.usage.Meter` or ``/chat``; for an answer cut short, the prompt
-estimate plus the events seen) and frees the slot, in a background task (the
-second round trip). A refused request gets OpenAI's 429; every response of a
-limited key carries OpenAI's ``x-ratelimit-*`` headers.
+estimate plus the events seen) and frees the slot: queued with
+:meth:`State.settle_soon`, so SQLite and Redis send it with the next batch of
+limit calls (``proxy.state.batch``; under load one transaction or one script
+call carries many requests' reservations and settlements). Leases of requests
+still running are renewed by one timer for all of them. A refused request gets
+OpenAI's 429; every response of a limited key carries OpenAI's ``x-ratelimit-*``
+headers.
 
 When the state cannot answer: ``on_error = "open"`` admits (logging at most once
 a minute, counting ``state_errors``), ``"closed"`` answers 503 ``state_unavailable``.
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import functools
 import logging
 import math
 import os
@@ -90,19 +95,19 @@ def go_duration(seconds: float) -> str:
 
 def calendar(now: float) -> tuple[str, float, str, float]:
     """(day id, seconds to the end of the UTC day, month id, seconds to the month's end)."""
-    t = datetime.datetime.fromtimestamp(now, datetime.UTC)
-    day_end = datetime.datetime(t.year, t.month, t.day, tzinfo=datetime.UTC) + datetime.timedelta(
-        days=1
-    )
+    day, day_end, month, month_end = _utc_day(int(now // 86400))
+    return day, day_end - now, month, month_end - now
+
+
+@functools.lru_cache(maxsize=4)
+def _utc_day(days: int) -> tuple[str, float, str, float]:
+    """Day ``days`` since the epoch (UTC; Unix time has 86 400 s a day): its id and end,
+    its month's id and end. Computed once a day, not per request."""
+    t = datetime.datetime.fromtimestamp(days * 86400, datetime.UTC)
     month_end = datetime.datetime(
         t.year + (t.month == 12), t.month % 12 + 1, 1, tzinfo=datetime.UTC
     )
-    return (
-        t.strftime("%Y-%m-%d"),
-        day_end.timestamp() - now,
-        t.strftime("%Y-%m"),
-        month_end.timestamp() - now,
-    )
+    return t.strftime("%Y-%m-%d"), (days + 1) * 86400.0, t.strftime("%Y-%m"), month_end.timestamp()
 
 
 def claims_for(key: Key, lease_seconds: float, estimate: int, now: float) -> list[Claim]:
@@ -149,18 +154,30 @@ def estimate_tokens(body: bytes, parsed: dict[str, Any] | None, path: str, defau
     return prompt + (default if answer is None else answer) * n
 
 
+_RPM_HEADERS = (
+    b"x-ratelimit-limit-requests",
+    b"x-ratelimit-remaining-requests",
+    b"x-ratelimit-reset-requests",
+)
+_TPM_HEADERS = (
+    b"x-ratelimit-limit-tokens",
+    b"x-ratelimit-remaining-tokens",
+    b"x-ratelimit-reset-tokens",
+)
+
+
 def ratelimit_headers(claims: Sequence[Claim], used: Sequence[int], reset: Sequence[float]):
     """OpenAI's ``x-ratelimit-*`` headers for the rpm and tpm claims."""
     headers: list[tuple[bytes, bytes]] = []
     for claim, u, r in zip(claims, used, reset, strict=True):
         if claim.kind != WINDOW:
             continue
-        what = b"requests" if claim.key.endswith(":rpm") else b"tokens"
-        headers += [
-            (b"x-ratelimit-limit-" + what, str(claim.limit).encode()),
-            (b"x-ratelimit-remaining-" + what, str(max(claim.limit - u, 0)).encode()),
-            (b"x-ratelimit-reset-" + what, go_duration(r).encode()),
-        ]
+        limit, remaining, reset_name = _RPM_HEADERS if claim.key.endswith(":rpm") else _TPM_HEADERS
+        headers += (
+            (limit, b"%d" % claim.limit),
+            (remaining, b"%d" % max(claim.limit - u, 0)),
+            (reset_name, go_duration(r).encode()),
+        )
     return headers
 
 
@@ -168,13 +185,13 @@ class Ticket:
     """An admitted request's reservation: headers to send, usage to read, a charge to correct."""
 
     __slots__ = (
-        "_lease",
-        "_renewer",
         "body",
         "claims",
         "headers",
+        "leases",
         "limiter",
         "prompt",
+        "renewed",
         "rid",
         "strip",
     )
@@ -196,19 +213,10 @@ class Ticket:
         self.prompt = prompt
         self.body = body
         self.strip = strip
-        self._renewer: asyncio.TimerHandle | None = None
-        self._lease = [c for c in claims if c.kind == LEASE]
-        if self._lease:
-            self._schedule()
-
-    def _schedule(self) -> None:
-        # A timer, not a task per request: most requests end before it fires.
-        every = min(c.seconds for c in self._lease) / 3
-        self._renewer = asyncio.get_running_loop().call_later(every, self._renew)
-
-    def _renew(self) -> None:
-        self.limiter.run_later(self.limiter.renew(self.rid, self._lease))
-        self._schedule()
+        self.leases = [c for c in claims if c.kind == LEASE]
+        self.renewed = time.monotonic()
+        if self.leases:
+            limiter.hold(self)
 
     def wrap(self, send: Send) -> Send:
         """``send`` that adds the rate-limit headers to the response start."""
@@ -218,9 +226,10 @@ class Ticket:
         return Meter(info, stream=stream, strip=self.strip and stream)
 
     def finish(self, info: RequestInfo) -> None:
-        """Correct the reservation to the real usage and free the slot (in the background)."""
-        if self._renewer is not None:
-            self._renewer.cancel()
+        """Correct the reservation to the real usage and free the slot (queued: the
+        state sends it with its next batch)."""
+        if self.leases:
+            self.limiter.release(self)
         if info.usage is not None:
             total = info.usage[0] + info.usage[1]
         elif info.generated:
@@ -228,7 +237,8 @@ class Ticket:
         else:
             total = 0  # refused or failed upstream: nothing generated
         actual = [1 if c.key.endswith(":rpm") or c.kind == LEASE else total for c in self.claims]
-        self.limiter.settle_later(self.rid, self.claims, actual)
+        limiter = self.limiter
+        limiter.state.settle_soon(self.rid, self.claims, actual, limiter.failed)
 
 
 class Limiter:
@@ -239,6 +249,8 @@ class Limiter:
         self.spec = spec
         self._state = state
         self._pending: set[asyncio.Task[None]] = set()
+        self._held: dict[str, Ticket] = {}
+        self._renewer: asyncio.TimerHandle | None = None
         self.state_errors = 0
         self._logged = -math.inf
 
@@ -248,7 +260,8 @@ class Limiter:
             self._state = open_state(self.spec)
         return self._state
 
-    def _failed(self, exc: StateUnavailable) -> None:
+    def failed(self, exc: StateUnavailable) -> None:
+        """Count (and at most once a minute log) a state call that failed."""
         self.state_errors += 1
         now = time.monotonic()
         if now - self._logged >= _LOG_EVERY:
@@ -286,7 +299,7 @@ class Limiter:
         try:
             outcome = await self.state.reserve(rid, claims)
         except StateUnavailable as exc:
-            self._failed(exc)
+            self.failed(exc)
             if self.spec.on_error == "closed":
                 raise StateUnavailableError(
                     "rate limits cannot be checked right now (state unavailable); retry later",
@@ -309,26 +322,43 @@ class Limiter:
             strip = True
         return Ticket(self, rid, claims, headers, len(body) // 4, body, strip)
 
-    async def renew(self, rid: str, claims: list[Claim]) -> None:
+    def hold(self, ticket: Ticket) -> None:
+        """Keep ``ticket``'s leases renewed until :meth:`release`: one timer for all
+        tickets, firing every sixth of the lease time while any is held, renews each
+        lease a third to half of its time after it was taken or last renewed."""
+        self._held[ticket.rid] = ticket
+        if self._renewer is None:
+            self._arm()
+
+    def release(self, ticket: Ticket) -> None:
+        self._held.pop(ticket.rid, None)
+
+    def _arm(self) -> None:
+        every = self.keys.ring.limits.lease_seconds / 6
+        self._renewer = asyncio.get_running_loop().call_later(every, self._renew_due)
+
+    def _renew_due(self) -> None:
+        self._renewer = None
+        if not self._held:
+            return
+        now = time.monotonic()
+        for ticket in list(self._held.values()):
+            if now - ticket.renewed >= min(c.seconds for c in ticket.leases) / 3:
+                ticket.renewed = now
+                self.run_later(self._renew(ticket.rid, ticket.leases))
+        self._arm()
+
+    async def _renew(self, rid: str, claims: list[Claim]) -> None:
         try:
             await self.state.renew(rid, claims)
         except StateUnavailable as exc:
-            self._failed(exc)
+            self.failed(exc)
 
     def run_later(self, work: Any) -> None:
         """Run a coroutine in the background, kept until done (``aclose`` waits for it)."""
         task = asyncio.ensure_future(work)
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
-
-    def settle_later(self, rid: str, claims: list[Claim], actual: list[int]) -> None:
-        self.run_later(self._settle(rid, claims, actual))
-
-    async def _settle(self, rid: str, claims: list[Claim], actual: list[int]) -> None:
-        try:
-            await self.state.settle(rid, claims, actual)
-        except StateUnavailable as exc:
-            self._failed(exc)  # the reservation stands; a lease expires by itself
 
     async def usage(self, key: Key) -> dict[str, Any]:
         """The key's limits and current use (``GET /usage``)."""
@@ -351,6 +381,9 @@ class Limiter:
         return {"name": key.name, "limits": key.limits.as_dict(), "usage": use, "resets": resets}
 
     async def aclose(self, timeout: float = 5.0) -> None:
+        if self._renewer is not None:
+            self._renewer.cancel()
+            self._renewer = None
         if self._pending:
             await asyncio.wait(list(self._pending), timeout=timeout)
         if self._state is not None:

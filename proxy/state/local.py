@@ -10,10 +10,10 @@ transaction). Redis runs the same algorithm as Lua (``proxy.state.redis``).
 from __future__ import annotations
 
 from collections.abc import Sequence
-
-import orjson
+from typing import Any
 
 from proxy.state import COUNTER, LEASE, WINDOW, Claim, Outcome, tokens_needed
+from proxy.state.batch import RESERVE, SETTLE, Op
 
 # How long a request id's outcome is remembered (a retried command within this time
 # sees the first outcome).
@@ -25,10 +25,12 @@ class LocalLimits:
 
     # ---- primitives ---------------------------------------------------------------------
 
-    def mark_get(self, name: str, now: float) -> bytes | None:
+    def mark_get(self, name: str, now: float) -> Any:
+        """The value ``mark_set`` stored (a reservation's :class:`Outcome`, or True for
+        a settlement), None once expired. Each backend stores it as it can."""
         raise NotImplementedError
 
-    def mark_set(self, name: str, value: bytes, expires: float) -> None:
+    def mark_set(self, name: str, value: Any, expires: float) -> None:
         raise NotImplementedError
 
     def win_use(self, key: str, since: float) -> tuple[int, float | None]:
@@ -53,8 +55,13 @@ class LocalLimits:
     def ctr_add(self, key: str, delta: int, expires: float, now: float, *, create: bool) -> None:
         raise NotImplementedError
 
-    def lease_live(self, key: str, now: float) -> list[tuple[str, float]]:
-        """Unexpired (member, expiry) pairs; expired ones dropped."""
+    def lease_use(self, key: str, now: float, rid: str) -> tuple[int, float | None]:
+        """Drop expired leases; the number of the others not held by ``rid`` and the
+        earliest expiry (None when there are none)."""
+        raise NotImplementedError
+
+    def lease_held(self, key: str, now: float, rid: str) -> bool:
+        """Whether ``rid`` holds an unexpired lease."""
         raise NotImplementedError
 
     def lease_set(self, key: str, member: str, expires: float) -> None:
@@ -78,17 +85,15 @@ class LocalLimits:
             return used, max(reset, 0.0), retry
         if claim.kind == COUNTER:
             return self.ctr_get(claim.key, now), claim.seconds, claim.seconds
-        live = self.lease_live(claim.key, now)
-        used = sum(1 for m, _ in live if m != rid)
-        first = min((e for _, e in live), default=now)
-        return used, first - now, max(first - now, 0.0)
+        used, first = self.lease_use(claim.key, now, rid)
+        wait = 0.0 if first is None else first - now
+        return used, wait, max(wait, 0.0)
 
     def reserve_now(self, rid: str, claims: Sequence[Claim], now: float) -> Outcome:
         mark = "r:" + rid
         seen = self.mark_get(mark, now)
         if seen is not None:
-            data = orjson.loads(seen)
-            return Outcome(data[0], data[1], data[2], data[3], data[4])
+            return seen
         outcome = Outcome(True)
         for i, claim in enumerate(claims):
             used, reset, retry = self._use(claim, now, rid)
@@ -111,19 +116,7 @@ class LocalLimits:
                     if outcome.reset[i] <= 0.0:
                         outcome.reset[i] = claim.seconds
                 outcome.used[i] += claim.amount
-        self.mark_set(
-            mark,
-            orjson.dumps(
-                [
-                    outcome.admitted,
-                    outcome.used,
-                    outcome.reset,
-                    outcome.refused,
-                    outcome.retry_after,
-                ]
-            ),
-            now + MARK_SECONDS,
-        )
+        self.mark_set(mark, outcome, now + MARK_SECONDS)
         return outcome
 
     def settle_now(
@@ -132,7 +125,7 @@ class LocalLimits:
         mark = "s:" + rid
         if self.mark_get(mark, now) is not None:
             return
-        self.mark_set(mark, b"1", now + MARK_SECONDS)
+        self.mark_set(mark, True, now + MARK_SECONDS)
         for claim, amount in zip(claims, actual, strict=True):
             if claim.kind == WINDOW:
                 self.win_set(claim.key, rid, amount)
@@ -144,8 +137,21 @@ class LocalLimits:
 
     def renew_now(self, rid: str, claims: Sequence[Claim], now: float) -> None:
         for claim in claims:
-            if claim.kind == LEASE and any(m == rid for m, _ in self.lease_live(claim.key, now)):
+            if claim.kind == LEASE and self.lease_held(claim.key, now, rid):
                 self.lease_set(claim.key, rid, now + claim.seconds)
+
+    def run_now(self, batch: Sequence[Op], now: float) -> list[Any]:
+        """A batch of calls (``proxy.state.batch``), in order; an Outcome per reservation."""
+        out: list[Any] = []
+        for op in batch:
+            if op.kind == RESERVE:
+                out.append(self.reserve_now(op.rid, op.claims, now))
+            elif op.kind == SETTLE:
+                assert op.actual is not None
+                out.append(self.settle_now(op.rid, op.claims, op.actual, now))
+            else:
+                out.append(self.renew_now(op.rid, op.claims, now))
+        return out
 
     def peek_now(self, claims: Sequence[Claim], now: float) -> list[tuple[int, float]]:
         out = []

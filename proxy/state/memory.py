@@ -5,8 +5,10 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
+from typing import Any
 
 from proxy.state import Claim, Outcome
+from proxy.state.batch import OnError
 from proxy.state.local import LocalLimits
 
 
@@ -41,23 +43,29 @@ class MemoryState(LocalLimits):
 
     # ---- limit primitives ---------------------------------------------------------------
 
-    def mark_get(self, name: str, now: float) -> bytes | None:
+    def mark_get(self, name: str, now: float) -> Any:
         hit = self._marks.get(name)
         if hit is None or hit[1] <= now:
             return None
         return hit[0]
 
-    def mark_set(self, name: str, value: bytes, expires: float) -> None:
+    def mark_set(self, name: str, value: Any, expires: float) -> None:
         self._marks[name] = (value, expires)
         self._ops += 1
         if self._ops % 1024 == 0:
-            self._sweep(expires)
+            self._sweep()
 
-    def _sweep(self, now: float) -> None:
+    def _sweep(self) -> None:
         now = self.clock()
-        for table in (self._marks, self._counters):
-            for k in [k for k, v in table.items() if v[1] <= now]:
-                del table[k]
+        # Marks all live MARK_SECONDS: insertion order is expiry order.
+        marks = self._marks
+        while marks:
+            name = next(iter(marks))
+            if marks[name][1] > now:
+                break
+            del marks[name]
+        for k in [k for k, v in self._counters.items() if v[1] <= now]:
+            del self._counters[k]
         for name in [k for k, (_, exp) in self._indexes.items() if exp <= now]:
             del self._indexes[name]
 
@@ -112,16 +120,33 @@ class MemoryState(LocalLimits):
             return
         hit[0] += delta
 
-    def lease_live(self, key: str, now: float) -> list[tuple[str, float]]:
+    def lease_use(self, key: str, now: float, rid: str) -> tuple[int, float | None]:
         leases = self._leases.get(key)
         if not leases:
-            return []
-        for m in [m for m, e in leases.items() if e <= now]:
-            del leases[m]
-        return list(leases.items())
+            return 0, None
+        # Kept in expiry order (lease_set re-inserts): drop from the front.
+        while leases:
+            member = next(iter(leases))
+            if leases[member] > now:
+                break
+            del leases[member]
+        if not leases:
+            return 0, None
+        return len(leases) - (rid in leases), leases[next(iter(leases))]
+
+    def lease_held(self, key: str, now: float, rid: str) -> bool:
+        expires = self._leases.get(key, {}).get(rid)
+        return expires is not None and expires > now
 
     def lease_set(self, key: str, member: str, expires: float) -> None:
-        self._leases.setdefault(key, {})[member] = expires
+        leases = self._leases.setdefault(key, {})
+        leases.pop(member, None)
+        # Expiry order holds while a key's leases all last as long (one lease_seconds);
+        # a shorter one (after a reload) is sorted in.
+        later = bool(leases) and next(reversed(leases.values())) > expires
+        leases[member] = expires
+        if later:
+            self._leases[key] = dict(sorted(leases.items(), key=lambda kv: kv[1]))
 
     def lease_del(self, key: str, member: str) -> None:
         self._leases.get(key, {}).pop(member, None)
@@ -132,6 +157,11 @@ class MemoryState(LocalLimits):
         return self.reserve_now(rid, claims, self.clock())
 
     async def settle(self, rid: str, claims: Sequence[Claim], actual: Sequence[int]) -> None:
+        self.settle_now(rid, claims, actual, self.clock())
+
+    def settle_soon(
+        self, rid: str, claims: Sequence[Claim], actual: Sequence[int], on_error: OnError
+    ) -> None:
         self.settle_now(rid, claims, actual, self.clock())
 
     async def renew(self, rid: str, claims: Sequence[Claim]) -> None:

@@ -1,10 +1,16 @@
-"""Redis state (redis-py's asyncio client): shared by every process and host.
+"""Redis state: shared by every process and host.
+
+The limit calls (reserve, settle, renew) go through a lean connection of their own
+(``proxy.state.resp``); the rest uses redis-py's asyncio client.
 
 Every operation that reads and then writes is one Lua script, so it is atomic in
 Redis, and the clock is Redis's own (``TIME``), so hosts need not agree on the
-time. ``reserve`` and ``settle`` remember their outcome under the request id
-(``mark:r:<rid>``, ``mark:s:<rid>``, 30 s): redis-py retries a command
-after a timeout, and a repeat must not charge twice. Timeouts are short
+time. The limit calls go in batches (``proxy.state.batch``): one script call
+runs every reserve, settle and renew queued meanwhile, in order, and returns
+their outcomes. ``reserve`` and ``settle`` remember their outcome under the
+request id (``mark:r:<rid>``, ``mark:s:<rid>``, 30 s): redis-py retries a
+command after a timeout, and a repeat must not charge twice (the limit calls'
+own connection does not retry). Timeouts are short
 (``[state] timeout``, default 0.25 s) so a slow Redis cannot stall a request for
 long; failures become :class:`StateUnavailable`. The client reconnects by
 itself on the next call, and re-sends a script Redis forgot after a restart.
@@ -28,6 +34,8 @@ from redis.exceptions import RedisError
 from redis.retry import Retry
 
 from proxy.state import Claim, Outcome, StateUnavailable
+from proxy.state.batch import RESERVE, Batcher, OnError, Op
+from proxy.state.resp import RedisLink, Script
 
 PREFIX = "vw:"
 MARK_MS = 30_000
@@ -84,95 +92,92 @@ local function use(k, kind, seconds, need, limit, rid)
 end
 """
 
-# ARGV: prefix, rid, mark ms, then per claim: key kind limit seconds amount need
-_RESERVE = (
+# A batch (proxy.state.batch). ARGV: prefix, mark ms, then the ops as JSON, in order,
+# each [op, rid, claims, actual] with claims [[key, kind, limit, seconds, amount, need]]
+# (need null: the amount): op "r" reserve, "s" settle (actual[i]: claim i's real
+# amount), "n" renew (the claims are leases).
+# Returns JSON: per op, [admitted, used, reset, refused, retry_after] for a reserve, else 0.
+_BATCH = (
     _COMMON
     + """
-local prefix, rid = ARGV[1], ARGV[2]
-local mark = prefix .. 'mark:r:' .. rid
-local seen = redis.call('GET', mark)
-if seen then return seen end
-local n = (#ARGV - 3) / 6
-local admitted, refused, retry_after = true, cjson.null, 0
-local used, reset = {}, {}
-for i = 1, n do
-  local b = 3 + (i - 1) * 6
-  local k, kind = prefix .. ARGV[b + 1], ARGV[b + 2]
-  local limit, seconds = tonumber(ARGV[b + 3]), tonumber(ARGV[b + 4])
-  local need = tonumber(ARGV[b + 6])
-  local u, r, w = use(k, kind, seconds, need, limit, rid)
-  if admitted and u + need > limit then
-    admitted, refused, retry_after = false, i - 1, w
-  end
-  used[i], reset[i] = u, r
-end
-if admitted then
-  for i = 1, n do
-    local b = 3 + (i - 1) * 6
-    local k, kind = prefix .. ARGV[b + 1], ARGV[b + 2]
-    local seconds, amount = tonumber(ARGV[b + 4]), tonumber(ARGV[b + 5])
-    local ms = math.ceil(seconds * 1000) + 1000
-    if kind == 'window' then
-      redis.call('ZADD', k, fmt(now), rid)
-      redis.call('HSET', k .. ':a', rid, amount)
-      redis.call('INCRBY', k .. ':s', amount)
-      for _, x in ipairs({k, k .. ':a', k .. ':s'}) do redis.call('PEXPIRE', x, ms) end
-      if reset[i] == 0 then reset[i] = seconds end
-    elseif kind == 'counter' then
-      if redis.call('INCRBY', k, amount) == amount then redis.call('PEXPIRE', k, ms) end
-    else
-      redis.call('ZADD', k, fmt(now + seconds), rid)
-      redis.call('PEXPIRE', k, ms)
-      if reset[i] <= 0 then reset[i] = seconds end
+local prefix, markms = ARGV[1], ARGV[2]
+local function reserve(rid, claims)
+  local mark = prefix .. 'mark:r:' .. rid
+  local seen = redis.call('GET', mark)
+  if seen then return cjson.decode(seen) end
+  local admitted, refused, retry_after = true, cjson.null, 0
+  local used, reset = {}, {}
+  for i, c in ipairs(claims) do
+    if c[6] == cjson.null then c[6] = c[5] end
+    local u, r, w = use(prefix .. c[1], c[2], c[4], c[6], c[3], rid)
+    if admitted and u + c[6] > c[3] then
+      admitted, refused, retry_after = false, i - 1, w
     end
-    used[i] = used[i] + amount
+    used[i], reset[i] = u, r
   end
+  if admitted then
+    for i, c in ipairs(claims) do
+      local k, kind, seconds, amount = prefix .. c[1], c[2], c[4], c[5]
+      local ms = math.ceil(seconds * 1000) + 1000
+      if kind == 'window' then
+        redis.call('ZADD', k, fmt(now), rid)
+        redis.call('HSET', k .. ':a', rid, amount)
+        redis.call('INCRBY', k .. ':s', amount)
+        for _, x in ipairs({k, k .. ':a', k .. ':s'}) do redis.call('PEXPIRE', x, ms) end
+        if reset[i] == 0 then reset[i] = seconds end
+      elseif kind == 'counter' then
+        if redis.call('INCRBY', k, amount) == amount then redis.call('PEXPIRE', k, ms) end
+      else
+        redis.call('ZADD', k, fmt(now + seconds), rid)
+        redis.call('PEXPIRE', k, ms)
+        if reset[i] <= 0 then reset[i] = seconds end
+      end
+      used[i] = used[i] + amount
+    end
+  end
+  local out = {admitted, used, reset, refused, retry_after}
+  redis.call('SET', mark, cjson.encode(out), 'PX', markms)
+  return out
 end
-local out = cjson.encode({admitted, used, reset, refused, retry_after})
-redis.call('SET', mark, out, 'PX', ARGV[3])
-return out
+local function settle(rid, claims, amounts)
+  if not redis.call('SET', prefix .. 'mark:s:' .. rid, '1', 'NX', 'PX', markms) then return 0 end
+  for i, c in ipairs(claims) do
+    local k, kind, reserved, actual = prefix .. c[1], c[2], c[5], amounts[i]
+    if kind == 'window' then
+      local old = redis.call('HGET', k .. ':a', rid)
+      if old then
+        redis.call('HSET', k .. ':a', rid, actual)
+        redis.call('INCRBY', k .. ':s', actual - tonumber(old))
+      end
+    elseif kind == 'counter' then
+      if actual ~= reserved and redis.call('EXISTS', k) == 1 then
+        redis.call('INCRBY', k, actual - reserved)
+      end
+    else
+      redis.call('ZREM', k, rid)
+    end
+  end
+  return 0
+end
+local function renew(rid, claims)
+  for _, c in ipairs(claims) do
+    local k, seconds = prefix .. c[1], c[4]
+    if redis.call('ZSCORE', k, rid) then
+      redis.call('ZADD', k, fmt(now + seconds), rid)
+      redis.call('PEXPIRE', k, math.ceil(seconds * 1000) + 1000)
+    end
+  end
+  return 0
+end
+local out = {}
+for i, op in ipairs(cjson.decode(ARGV[3])) do
+  if op[1] == 'r' then out[i] = reserve(op[2], op[3])
+  elseif op[1] == 's' then out[i] = settle(op[2], op[3], op[4])
+  else out[i] = renew(op[2], op[3]) end
+end
+return cjson.encode(out)
 """
 )
-
-# ARGV: prefix, rid, mark ms, then per claim: key kind reserved actual
-_SETTLE = """
-local prefix, rid = ARGV[1], ARGV[2]
-if not redis.call('SET', prefix .. 'mark:s:' .. rid, '1', 'NX', 'PX', ARGV[3]) then return 0 end
-local n = (#ARGV - 3) / 4
-for i = 1, n do
-  local b = 3 + (i - 1) * 4
-  local k, kind = prefix .. ARGV[b + 1], ARGV[b + 2]
-  local reserved, actual = tonumber(ARGV[b + 3]), tonumber(ARGV[b + 4])
-  if kind == 'window' then
-    local old = redis.call('HGET', k .. ':a', rid)
-    if old then
-      redis.call('HSET', k .. ':a', rid, actual)
-      redis.call('INCRBY', k .. ':s', actual - tonumber(old))
-    end
-  elseif kind == 'counter' then
-    if actual ~= reserved and redis.call('EXISTS', k) == 1 then
-      redis.call('INCRBY', k, actual - reserved)
-    end
-  else
-    redis.call('ZREM', k, rid)
-  end
-end
-return 1
-"""
-
-# ARGV: prefix, rid, then per claim: key seconds (leases only)
-_RENEW = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-for i = 3, #ARGV, 2 do
-  local k, seconds = ARGV[1] .. ARGV[i], tonumber(ARGV[i + 1])
-  if redis.call('ZSCORE', k, ARGV[2]) then
-    redis.call('ZADD', k, string.format('%.6f', now + seconds), ARGV[2])
-    redis.call('PEXPIRE', k, math.ceil(seconds * 1000) + 1000)
-  end
-end
-return 1
-"""
 
 # ARGV: prefix, then per claim: key kind limit seconds
 _PEEK = (
@@ -219,9 +224,9 @@ class RedisState:
             retry=Retry(ExponentialBackoff(cap=0.05, base=0.01), 1),
             health_check_interval=30,
         )
-        self._reserve = self._r.register_script(_RESERVE)
-        self._settle = self._r.register_script(_SETTLE)
-        self._renew = self._r.register_script(_RENEW)
+        self._link = RedisLink(url, timeout=timeout)
+        self._batch = Script(self._link, _BATCH)
+        self._batcher = Batcher(self._run_batch)
         self._peek = self._r.register_script(_PEEK)
         self._lock = self._r.register_script(_LOCK)
         self._unlock = self._r.register_script(_UNLOCK)
@@ -232,30 +237,28 @@ class RedisState:
         except (RedisError, OSError) as exc:
             raise StateUnavailable(f"redis: {type(exc).__name__}: {exc}") from exc
 
+    async def _run_batch(self, batch: list[Op]) -> list[Any]:
+        # Claims are tuples: orjson writes each as an array (default=tuple).
+        ops = orjson.dumps([(op.kind, op.rid, op.claims, op.actual) for op in batch], default=tuple)
+        raw = await self._batch(self.prefix, MARK_MS, ops)
+        return [
+            _outcome(r) if op.kind == RESERVE else None
+            for op, r in zip(batch, orjson.loads(raw), strict=True)
+        ]
+
     async def reserve(self, rid: str, claims: Sequence[Claim]) -> Outcome:
-        args: list[Any] = [self.prefix, rid, MARK_MS]
-        for c in claims:
-            args += [c.key, c.kind, c.limit, c.seconds, c.amount, c.required]
-        raw = await self._call(self._reserve(args=args))
-        admitted, used, reset, refused, retry_after = orjson.loads(raw)
-        # cjson encodes an empty table as {}
-        used = list(used) if isinstance(used, list) else []
-        reset = [float(x) for x in reset] if isinstance(reset, list) else []
-        return Outcome(bool(admitted), [int(u) for u in used], reset, refused, float(retry_after))
+        return await self._batcher.reserve(rid, claims)
 
     async def settle(self, rid: str, claims: Sequence[Claim], actual: Sequence[int]) -> None:
-        args: list[Any] = [self.prefix, rid, MARK_MS]
-        for c, a in zip(claims, actual, strict=True):
-            args += [c.key, c.kind, c.amount, a]
-        await self._call(self._settle(args=args))
+        await self._batcher.settle(rid, claims, actual)
+
+    def settle_soon(
+        self, rid: str, claims: Sequence[Claim], actual: Sequence[int], on_error: OnError
+    ) -> None:
+        self._batcher.settle_soon(rid, claims, actual, on_error)
 
     async def renew(self, rid: str, claims: Sequence[Claim]) -> None:
-        args: list[Any] = [self.prefix, rid]
-        for c in claims:
-            if c.kind == "lease":
-                args += [c.key, c.seconds]
-        if len(args) > 2:
-            await self._call(self._renew(args=args))
+        await self._batcher.renew(rid, claims)
 
     async def peek(self, claims: Sequence[Claim]) -> list[tuple[int, float]]:
         if not claims:
@@ -319,4 +322,19 @@ class RedisState:
         return bool(await self._call(self._r.ping()))
 
     async def close(self) -> None:
+        await self._batcher.drain(timeout=1.0)
+        await self._link.close()
         await self._r.aclose()
+
+
+def _outcome(raw: list[Any]) -> Outcome:
+    # Lua numbers: integral ones come back as JSON integers. cjson writes an empty table
+    # as {}.
+    admitted, used, reset, refused, retry_after = raw
+    return Outcome(
+        admitted,
+        used if isinstance(used, list) else [],
+        reset if isinstance(reset, list) else [],
+        refused,
+        retry_after,
+    )

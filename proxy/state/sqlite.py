@@ -2,9 +2,11 @@
 
 Exact for any number of ``--workers``: each operation is one ``BEGIN IMMEDIATE``
 transaction (a write lock on the file for its duration, a few hundred
-microseconds), so two processes never interleave a check and its charge. WAL
-journaling lets readers go on meanwhile. The file survives restarts, so quota
-totals do. Calls run on one worker thread per process, off the event loop.
+microseconds), so two processes never interleave a check and its charge; the
+limit calls made while one transaction runs share the next one
+(``proxy.state.batch``). WAL journaling lets readers go on meanwhile. The file
+survives restarts, so quota totals do. Calls run on one worker thread per
+process, off the event loop.
 """
 
 from __future__ import annotations
@@ -17,7 +19,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
+import orjson
+
 from proxy.state import Claim, Outcome, StateUnavailable
+from proxy.state.batch import Batcher, OnError, Op
 from proxy.state.local import LocalLimits
 
 T = TypeVar("T")
@@ -57,6 +62,8 @@ class SQLiteState(LocalLimits):
         self._db: sqlite3.Connection | None = None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-state")
         self._ops = 0
+        self._batcher = Batcher(self._run_batch, depth=2)
+        self._closed = False
 
     # ---- plumbing -----------------------------------------------------------------------
 
@@ -136,11 +143,19 @@ class SQLiteState(LocalLimits):
 
     # ---- limit primitives (inside a transaction) ------------------------------------------
 
-    def mark_get(self, name: str, now: float) -> bytes | None:
-        return self._one("SELECT value FROM marks WHERE name=? AND expires>?", (name, now))
+    def mark_get(self, name: str, now: float) -> Any:
+        raw = self._one("SELECT value FROM marks WHERE name=? AND expires>?", (name, now))
+        if raw is None:
+            return None
+        data = orjson.loads(raw)
+        return Outcome(*data) if isinstance(data, list) else data
 
-    def mark_set(self, name: str, value: bytes, expires: float) -> None:
-        self._exec("INSERT OR REPLACE INTO marks VALUES (?,?,?)", (name, value, expires))
+    def mark_set(self, name: str, value: Any, expires: float) -> None:
+        if isinstance(value, Outcome):
+            value = [value.admitted, value.used, value.reset, value.refused, value.retry_after]
+        self._exec(
+            "INSERT OR REPLACE INTO marks VALUES (?,?,?)", (name, orjson.dumps(value), expires)
+        )
 
     def win_use(self, key: str, since: float) -> tuple[int, float | None]:
         db = self._connect()
@@ -151,11 +166,14 @@ class SQLiteState(LocalLimits):
         if count:
             db.execute("DELETE FROM windows WHERE key=? AND t<=?", (key, since))
             db.execute("UPDATE wsum SET total=total-? WHERE key=?", (gone, key))
-        oldest = self._one("SELECT MIN(t) FROM windows WHERE key=?", (key,))
+        oldest, total = db.execute(
+            "SELECT MIN(t), (SELECT total FROM wsum WHERE key=?1) FROM windows WHERE key=?1",
+            (key,),
+        ).fetchone()
         if oldest is None:
             db.execute("DELETE FROM wsum WHERE key=?", (key,))
             return 0, None
-        return int(self._one("SELECT total FROM wsum WHERE key=?", (key,)) or 0), oldest
+        return int(total or 0), oldest
 
     def win_entries(self, key: str) -> list[tuple[float, int]]:
         return (
@@ -171,10 +189,12 @@ class SQLiteState(LocalLimits):
         )
 
     def win_add(self, key: str, member: str, t: float, amount: int, expires: float) -> None:
+        row = (key, member, t, amount, expires)
+        if self._exec("INSERT OR IGNORE INTO windows VALUES (?,?,?,?,?)", row):
+            self._wsum_add(key, amount)  # a new entry: the usual case
+            return
         old = self._one("SELECT amount FROM windows WHERE key=? AND member=?", (key, member))
-        self._exec(
-            "INSERT OR REPLACE INTO windows VALUES (?,?,?,?,?)", (key, member, t, amount, expires)
-        )
+        self._exec("INSERT OR REPLACE INTO windows VALUES (?,?,?,?,?)", row)
         self._wsum_add(key, amount - (old or 0))
 
     def win_set(self, key: str, member: str, amount: int) -> None:
@@ -196,10 +216,21 @@ class SQLiteState(LocalLimits):
         if not done and create:
             self._exec("INSERT OR REPLACE INTO counters VALUES (?,?,?)", (key, delta, expires))
 
-    def lease_live(self, key: str, now: float) -> list[tuple[str, float]]:
+    def lease_use(self, key: str, now: float, rid: str) -> tuple[int, float | None]:
         db = self._connect()
         db.execute("DELETE FROM leases WHERE key=? AND expires<=?", (key, now))
-        return db.execute("SELECT member, expires FROM leases WHERE key=?", (key,)).fetchall()
+        count, mine, first = db.execute(
+            "SELECT COUNT(*), COALESCE(SUM(member=?),0), MIN(expires) FROM leases WHERE key=?",
+            (rid, key),
+        ).fetchone()
+        return count - mine, first
+
+    def lease_held(self, key: str, now: float, rid: str) -> bool:
+        return bool(
+            self._one(
+                "SELECT 1 FROM leases WHERE key=? AND member=? AND expires>?", (key, rid, now)
+            )
+        )
 
     def lease_set(self, key: str, member: str, expires: float) -> None:
         self._exec("INSERT OR REPLACE INTO leases VALUES (?,?,?)", (key, member, expires))
@@ -209,14 +240,22 @@ class SQLiteState(LocalLimits):
 
     # ---- State --------------------------------------------------------------------------
 
+    async def _run_batch(self, batch: list[Op]) -> list[Any]:
+        return await self._run(lambda now: self.run_now(batch, now))
+
     async def reserve(self, rid: str, claims: Sequence[Claim]) -> Outcome:
-        return await self._run(lambda now: self.reserve_now(rid, claims, now))
+        return await self._batcher.reserve(rid, claims)
 
     async def settle(self, rid: str, claims: Sequence[Claim], actual: Sequence[int]) -> None:
-        await self._run(lambda now: self.settle_now(rid, claims, actual, now))
+        await self._batcher.settle(rid, claims, actual)
+
+    def settle_soon(
+        self, rid: str, claims: Sequence[Claim], actual: Sequence[int], on_error: OnError
+    ) -> None:
+        self._batcher.settle_soon(rid, claims, actual, on_error)
 
     async def renew(self, rid: str, claims: Sequence[Claim]) -> None:
-        await self._run(lambda now: self.renew_now(rid, claims, now))
+        await self._batcher.renew(rid, claims)
 
     async def peek(self, claims: Sequence[Claim]) -> list[tuple[int, float]]:
         return await self._run(lambda now: self.peek_now(claims, now))
@@ -314,6 +353,11 @@ class SQLiteState(LocalLimits):
         return await self._run(op)
 
     async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        await self._batcher.drain(timeout=max(self.timeout, 1.0))
+
         def shut() -> None:
             if self._db is not None:
                 self._db.close()

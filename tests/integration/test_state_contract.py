@@ -189,6 +189,51 @@ async def test_concurrent_handles_never_overrun(make_state: Factory) -> None:
     assert (await one.peek([claim]))[0][0] == 20
 
 
+async def test_queued_settlements_come_before_later_reservations(make_state: Factory) -> None:
+    """settle_soon returns at once; a reservation made after it sees the slot free
+    (in one process the calls are applied in the order they were made)."""
+    state = make_state()
+    lease = Claim("q:par", LEASE, limit=1, seconds=60)
+    tokens = Claim("q:tpm", WINDOW, limit=1000, seconds=60, amount=500)
+    failures: list[StateUnavailable] = []
+    for _ in range(5):
+        holder = rid()
+        outcome = await state.reserve(holder, [lease, tokens])
+        assert outcome.admitted, outcome
+        state.settle_soon(holder, [lease, tokens], [1, 10], failures.append)
+    last = await state.reserve(rid(), [lease, tokens])
+    assert last.admitted and last.used == [1, 5 * 10 + 500]
+    assert failures == []
+
+
+async def test_close_sends_queued_settlements(make_state: Factory) -> None:
+    one = make_state()
+    lease = Claim("c:par", LEASE, limit=1, seconds=60)
+    holder = rid()
+    assert (await one.reserve(holder, [lease])).admitted
+    one.settle_soon(holder, [lease], [1], lambda exc: None)
+    await one.close()
+    assert (await make_state().peek([lease]))[0][0] == 0
+
+
+async def test_a_cancelled_reservation_frees_its_slot(make_state: Factory) -> None:
+    """A caller cancelled while its reservation is on its way (a client gone): the
+    slot is freed as soon as the answer comes, not when the lease runs out."""
+    state = make_state()
+    if state.name == "memory":
+        pytest.skip("the memory backend answers without waiting: nothing to cancel")
+    lease = Claim("x:par", LEASE, limit=1, seconds=60)
+    waiting = asyncio.ensure_future(state.reserve(rid(), [lease]))
+    await asyncio.sleep(0)  # queued, not answered yet
+    assert not waiting.done()
+    waiting.cancel()
+
+    async def admitted() -> bool:
+        return (await state.reserve(rid(), [lease])).admitted
+
+    await eventually(admitted, timeout=5)  # well before the lease's 60 s
+
+
 async def test_key_value(make_state: Factory) -> None:
     state = make_state()
     assert await state.get("x") is None
