@@ -49,10 +49,16 @@ class Stats:
     ) -> None:
         self.requests += 1
         self.by_path[path] += 1
-        self.last_request = {"path": path, "method": method, "headers": headers, "body": body}
+        own = False
         for name, value in headers:
             if name == b"x-request-id":
                 self.request_ids.append(value.decode("latin-1"))
+            elif name == b"user-agent" and value.startswith(b"vllm-wrapper/"):
+                own = True
+        if not own:
+            # The gateway's own probes (health, model lists) arrive at any moment;
+            # they are counted but never hide the last request a client sent.
+            self.last_request = {"path": path, "method": method, "headers": headers, "body": body}
         self._notify()
 
     def update_body(self, body: bytes) -> None:
