@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -180,6 +181,8 @@ class Bench:
         self.counter = 0
         self.discarded = 0
         self.noisy = 0
+        self.waited = 0.0
+        self.wait_left = args.max_wait
         self.upstreams: list[procs.Server] = []
         self.others: list[procs.Server] = []
         self.redis: RedisServer | None = None
@@ -214,9 +217,11 @@ class Bench:
         return json.loads(out.stdout)
 
     def measure(self, t: Target, s: Scenario, wrk_cpus: str | None = None) -> dict:
-        """One run, with the machine's other load checked; repeated while it was noisy."""
+        """One run, in a quiet moment if one comes, with the machine's other load checked
+        during it; repeated while it was noisy."""
         attempts: list[dict] = []
         while True:
+            self.wait_quiet()
             r = self._once(t, s, wrk_cpus)
             attempts.append(r)
             if r["foreign"] <= self.args.foreign:
@@ -226,19 +231,23 @@ class Bench:
                 break
             self.discarded += 1
             print(f"  discarded: foreign CPU {r['foreign']:.0%} of a core", flush=True)
-            self.wait_quiet()
         best = min(attempts, key=lambda r: r["foreign"])
         best["attempts"] = len(attempts)
         return best
 
-    def wait_quiet(self, most: float = 10.0) -> None:
-        """Until a half-second shows no foreign load (at most ``most`` seconds)."""
-        deadline = time.monotonic() + most
-        while time.monotonic() < deadline:
+    def wait_quiet(self, most: float = 15.0, window: float = 0.3) -> None:
+        """Until a ``window`` shows no more than ``--foreign`` of a core of other load, at
+        most ``most`` seconds, and no more than ``--max-wait`` seconds in the whole run."""
+        start = time.monotonic()
+        deadline = start + min(most, self.wait_left)
+        while True:
             busy0, own0 = busy_cpu(), own_cpu()
-            time.sleep(0.5)
-            if (busy_cpu() - busy0) - (own_cpu() - own0) <= self.args.foreign * 0.5:
-                return
+            time.sleep(window)
+            foreign = (busy_cpu() - busy0) - (own_cpu() - own0)
+            if foreign <= self.args.foreign * window or time.monotonic() >= deadline:
+                break
+        self.waited += time.monotonic() - start
+        self.wait_left = max(0.0, self.wait_left - (time.monotonic() - start - window))
 
     def _once(self, t: Target, s: Scenario, wrk_cpus: str | None) -> dict:
         proxy_pids = t.proxy.pids() if t.proxy else []
@@ -475,8 +484,14 @@ def main() -> None:
     p.add_argument(
         "--max-discards",
         type=int,
-        default=30,
-        help="stop repeating noisy runs after this many discards in all (default 30)",
+        default=40,
+        help="stop repeating noisy runs after this many discards in all (default 40)",
+    )
+    p.add_argument(
+        "--max-wait",
+        type=float,
+        default=300.0,
+        help="seconds in all to wait for a quiet machine before runs (default 300)",
     )
     p.add_argument("--skip-extra", action="store_true", help="no fastup/sim or pinned workers runs")
     p.add_argument("--no-write", action="store_true", help="print, do not touch RESULTS.md")
@@ -498,6 +513,7 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
         "load_before": f"{os.getloadavg()[0]:.2f}",
     }
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the servers (finally)
     b = Bench(args)
     raw: dict[str, dict[str, list[dict]]] = {s.key: {p: [] for p in paths} for s in scenarios}
     extra: dict[str, dict] = {}
@@ -571,7 +587,9 @@ def render(
         f"time minus the bench's process tree), in % of one core: median {fmt(med(foreign), '.1f')}"
         f", max {fmt(max(foreign, default=None), '.1f')} over the {len(runs)} runs kept; "
         f"**{b.discarded} runs discarded** for more than {args.foreign:.0%} of a core and run "
-        f"again, {b.noisy} kept noisy after {args.retries} retries (the quietest attempt).  ",
+        f"again (at most {args.max_discards} in all), {b.noisy} kept noisy after {args.retries} "
+        "retries (the quietest attempt); "
+        f"{b.waited:.0f} s spent waiting for a quiet moment before runs.  ",
         f"Medians of {args.repeat} repetitions; paths in rotating order within each; "
         f"{args.duration:g} s per timed run; ratios and differences are taken within a "
         "repetition, then the median of those.",
