@@ -72,6 +72,7 @@ async def one_stream(reader, writer, request: bytes, stats: Stats) -> bool:  # t
     buf = b""
     last: float | None = None
     done = False
+    carry = b""  # the last bytes of the payload so far: a proxy may split "data: [DONE]"
     while True:
         data = await reader.read(65536)
         if not data:
@@ -103,8 +104,11 @@ async def one_stream(reader, writer, request: bytes, stats: Stats) -> bool:  # t
             else:
                 stats.gaps.append(now - last)
             last = now
-            if b"data: [DONE]" in payload:
+        if payload:
+            seen = carry + payload
+            if b"data: [DONE]" in seen:
                 done = True
+            carry = seen[-12:]
         if ended:
             break
     if not done:
