@@ -1,7 +1,9 @@
 """Redis state: shared by every process and host.
 
-The limit calls (reserve, settle, renew) go through a lean connection of their own
-(``proxy.state.resp``); the rest uses redis-py's asyncio client.
+The limit calls (reserve, settle, renew) and the key-value calls (get, put,
+delete: the cache and idempotency, once or twice per request) go through a lean
+connection of their own (``proxy.state.resp``); the rest (locks, indexes, peek)
+uses redis-py's asyncio client.
 
 Every operation that reads and then writes is one Lua script, so it is atomic in
 Redis, and the clock is Redis's own (``TIME``), so hosts need not agree on the
@@ -35,7 +37,7 @@ from redis.retry import Retry
 
 from proxy.state import Claim, Outcome, StateUnavailable
 from proxy.state.batch import RESERVE, Batcher, OnError, Op
-from proxy.state.resp import RedisLink, Script
+from proxy.state.resp import RedisLink, ReplyError, Script
 
 PREFIX = "vw:"
 MARK_MS = 30_000
@@ -269,20 +271,27 @@ class RedisState:
         raw = orjson.loads(await self._call(self._peek(args=args)))
         return [(int(u), float(r)) for u, r in raw]
 
+    async def _command(self, *args: bytes | str | int | float) -> Any:
+        try:
+            return await self._link.call(*args)
+        except ReplyError as exc:
+            raise StateUnavailable(f"redis: {exc}") from exc
+
     async def get(self, key: str) -> bytes | None:
-        return await self._call(self._r.get(self.prefix + "kv:" + key))
+        return await self._command("GET", self.prefix + "kv:" + key)
 
     async def put(
         self, key: str, value: bytes, ttl: float | None = None, *, only_if_absent: bool = False
     ) -> bool:
-        px = max(int(ttl * 1000), 1) if ttl is not None else None
-        done = await self._call(
-            self._r.set(self.prefix + "kv:" + key, value, px=px, nx=only_if_absent)
-        )
-        return bool(done)
+        args: list[bytes | str | int] = ["SET", self.prefix + "kv:" + key, value]
+        if ttl is not None:
+            args += ["PX", max(int(ttl * 1000), 1)]
+        if only_if_absent:
+            args.append("NX")
+        return await self._command(*args) is not None
 
     async def delete(self, key: str) -> bool:
-        return bool(await self._call(self._r.delete(self.prefix + "kv:" + key)))
+        return bool(await self._command("DEL", self.prefix + "kv:" + key))
 
     async def lock(self, key: str, owner: str, ttl: float) -> bool:
         keys = [self.prefix + "lock:" + key]

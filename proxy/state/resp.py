@@ -1,10 +1,12 @@
-"""A lean Redis connection for the limit scripts: RESP2 on one asyncio protocol.
+"""A lean Redis connection for the per-request calls: RESP2 on one asyncio protocol.
 
-The limit calls (``proxy.state.batch``) run once or twice per request, and
+The limit calls (``proxy.state.batch``) and the cache's get and put run once or
+twice per request, and
 redis-py's client costs 40 to 65 µs of CPU per command on its own (pool checkout,
 timeouts, retries, health checks, event hooks; measured with a trivial script),
 where writing the command and reading its reply on a plain protocol costs ~13 µs.
 So those calls go through :class:`RedisLink`; everything else keeps redis-py.
+It does not retry: a failed get or put is a cache miss or a skipped store.
 
 One connection, opened on first use and again after it breaks: commands are
 written as they come and replies matched in order. A reply later than
