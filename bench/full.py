@@ -1,6 +1,7 @@
 """The gateway with every feature, against nginx and a direct path, behind a fast upstream.
 
-``python -m bench.full [--repeat 3] [--duration 3] [--only s1,s4] [--paths off,all] [--no-write]``
+``python -m bench.full [--repeat 3] [--duration 3] [--only s1,s4] [--paths off,all]
+[--litellm EXE] [--no-write]``
 
 Upstream: ``python -m bench.fastup`` (precomputed answers on raw asyncio), so the
 proxies, not the upstream, set the pace. Paths, all started once and kept for the
@@ -11,7 +12,8 @@ them), **limits** (the same keys with ``rpm``, ``tpm`` and ``max_parallel`` too 
 to refuse, state on a real ``redis-server``), **metrics**, **upstreams** (two fastup
 processes, ``least-busy``), **cache** (``[cache] enabled``, every request a miss:
 bodies are unique); **all** every feature together, and **all-w2** the same with
-``--workers 2``.
+``--workers 2``. With ``--litellm EXE`` also **litellm**: LiteLLM's proxy from a
+virtualenv of its own (not a dependency of this project), no auth, as **off**.
 
 Scenarios (see :data:`SCENARIOS`): non-streaming at saturation and at fixed rates
 (wrk), 128-token streams back to back, streams with steady arrivals, and bursts of
@@ -161,6 +163,14 @@ def pin(pids: list[int], cpus: set[int]) -> None:
                 pass
 
 
+def litellm_version(exe: str) -> str:
+    """The version of the ``litellm`` package next to the ``exe`` command."""
+    python = Path(exe).with_name("python")
+    code = "import importlib.metadata as m; print(m.version('litellm'))"
+    out = subprocess.run([str(python), "-c", code], capture_output=True, text=True, timeout=60)
+    return out.stdout.strip() or "(version unknown)"
+
+
 # --- one run -------------------------------------------------------------------------
 
 
@@ -186,6 +196,7 @@ class Bench:
         self.upstreams: list[procs.Server] = []
         self.others: list[procs.Server] = []
         self.redis: RedisServer | None = None
+        self.litellm_version = litellm_version(args.litellm) if args.litellm else ""
 
     def prefix(self) -> str:
         self.counter += 1
@@ -360,6 +371,10 @@ def start_paths(b: Bench, paths: list[str]) -> dict[str, Target]:
         ng = procs.nginx(up.port).start("/health")
         b.others.append(ng)
         targets["nginx"] = Target("nginx", ng.url, ng)
+    if "litellm" in paths:
+        ll = procs.litellm(b.args.litellm, up.url).start("/health/liveliness")
+        b.others.append(ll)
+        targets["litellm"] = Target("litellm", ll.url, ll)
     assert b.redis is not None
     for p in paths:
         if p not in GATEWAYS:
@@ -494,6 +509,13 @@ def main() -> None:
         help="seconds in all to wait for a quiet machine before runs (default 300)",
     )
     p.add_argument("--skip-extra", action="store_true", help="no fastup/sim or pinned workers runs")
+    p.add_argument(
+        "--litellm",
+        metavar="EXE",
+        default="",
+        help="also run LiteLLM's proxy (the `litellm` command of a virtualenv of its own: "
+        "python3 -m venv /tmp/litellm && /tmp/litellm/bin/pip install 'litellm[proxy]')",
+    )
     p.add_argument("--no-write", action="store_true", help="print, do not touch RESULTS.md")
     args = p.parse_args()
     missing = procs.missing_tools()
@@ -506,6 +528,8 @@ def main() -> None:
     if unknown:
         sys.exit(f"unknown paths: {', '.join(sorted(unknown))} (known: {', '.join(GATEWAYS)})")
     paths = [p for p in PATHS if p in ("direct", "nginx") or not chosen or p in chosen]
+    if args.litellm:
+        paths.insert(2, "litellm")
     started = time.monotonic()
     meta = {
         "command": " ".join(["python -m bench.full", *sys.argv[1:]]),
@@ -596,7 +620,15 @@ def render(
         "",
         "Upstream: `python -m bench.fastup` (one process; a second for **upstreams**/**all**). "
         "**direct** = client → fastup; **nginx** = 1 worker, `proxy_buffering off`, keep-alive "
-        "upstream, `access_log off`; gateway paths: 1 worker, `VLLM_WRAPPER_ACCESS_LOG=false`, "
+        "upstream, `access_log off`; "
+        + (
+            f"**litellm** = LiteLLM {b.litellm_version} (`litellm --num_workers 1`, "
+            "`hosted_vllm/` provider, no master key and no database: no auth, as **off**; "
+            "client `x-` headers forwarded); "
+            if "litellm" in paths
+            else ""
+        )
+        + "gateway paths: 1 worker, `VLLM_WRAPPER_ACCESS_LOG=false`, "
         "**off** = no keys, no limits, `VLLM_WRAPPER_METRICS=false`, one upstream, no cache; "
         "**auth** = 100 `[[keys]]`; **limits** = those keys with `rpm`, `tpm`, `max_parallel` "
         "(too high to refuse) on `redis-server`; **metrics** = `VLLM_WRAPPER_METRICS=true`; "
@@ -681,6 +713,9 @@ def marginal(res: dict, scenarios: list[Scenario], paths: list[str]) -> list[str
     keys = [s for s in scenarios]
     if "off" not in paths:
         return []
+    columns = ["feature", *(f"{s.key} CPU" for s in keys)]
+    columns += [f"{s.key} TTFT p50 / p99" for s in keys if s.kind == "stream"]
+    columns.append("redis CPU ms (s1)")
     out = [
         "### Each feature's marginal cost (path − off, same repetition, medians)",
         "",
@@ -688,11 +723,9 @@ def marginal(res: dict, scenarios: list[Scenario], paths: list[str]) -> list[str
         "ms at p50 / p99. Redis: redis-server's CPU ms per request. **limits** includes "
         "auth's cost (limits need keys): limits − auth is its own.",
         "",
-        "| feature | " + " | ".join(f"{s.key} CPU" for s in keys) + " | "
-        + " | ".join(f"{s.key} TTFT p50 / p99" for s in keys if s.kind == "stream")
-        + " | redis CPU ms (s1) |",
-        "|---|" + "---|" * (len(keys) + sum(s.kind == "stream" for s in keys) + 1),
-    ]  # fmt: skip
+        "| " + " | ".join(columns) + " |",
+        "|" + "---|" * len(columns),
+    ]
     for p in [p for p in FEATURES if p in paths]:
         cells = [p]
         for s in keys:
@@ -875,8 +908,10 @@ def targets(res: dict, extra: dict) -> list[str]:
         r2 = med([r["rps"] for r in pinned["all-w2"]])
         ratio = 2 * r2 / r1
         row("`--workers 2` ≥ 1.7×, projected from the pinned runs", -ratio, -1.7, f"{ratio:.2f}×")
-    errors = sum(m["errors"] for by_path in res.values() for m in by_path.values())
-    row("zero errors (every path, scenario and repetition)", errors, 0, str(errors))
+    errors = sum(
+        m["errors"] for by_path in res.values() for p, m in by_path.items() if p in GATEWAYS
+    )
+    row("zero errors (every gateway path, scenario and repetition)", errors, 0, str(errors))
     return out
 
 

@@ -215,6 +215,37 @@ def nginx(upstream_port: int) -> Server:
     return Server("nginx", args, port)
 
 
+LITELLM_CONF = """\
+model_list:
+  - model_name: {model}
+    litellm_params:
+      model: hosted_vllm/{model}
+      api_base: {upstream}/v1
+      api_key: none
+general_settings:
+  forward_client_headers_to_llm_api: true
+litellm_settings:
+  telemetry: false
+"""
+
+
+def litellm(exe: str, upstream: str, model: str = "tiny-llama") -> Server:
+    """LiteLLM's proxy (``litellm``, from its own virtualenv: not a dependency of this
+    project), 1 worker, no master key and no database (no auth, as the gateway's **off**),
+    forwarding ``x-`` headers so the upstream sees ``x-sim-tokens``/``x-sim-delay-ms``."""
+    prefix = tempfile.mkdtemp(prefix="bench-litellm-")
+    conf = Path(prefix) / "config.yaml"
+    conf.write_text(LITELLM_CONF.format(model=model, upstream=upstream))
+    port = free_port()
+    env = {
+        "LITELLM_DANGEROUSLY_PERMIT_WEAK_OR_UNSET_MASTER_KEY": "true",
+        "LITELLM_LOCAL_MODEL_COST_MAP": "True",  # no download at start-up
+        "LITELLM_LOG": "ERROR",
+    }
+    args = [exe, "--config", str(conf), "--host", "127.0.0.1", "--port", str(port)]
+    return Server("litellm", [*args, "--num_workers", "1"], port, env, cwd=Path(prefix))
+
+
 def missing_tools() -> list[str]:
     return [
         t
