@@ -83,6 +83,17 @@ class UsageStripper:
         self.events = 0
 
     def feed(self, chunk: bytes) -> bytes:
+        if (
+            not self._partial
+            and not self._held
+            and chunk.endswith(_EVENT_END)
+            and b'"finish_reason":"' not in chunk
+            and b'"usage":{' not in chunk
+        ):
+            # Whole events, none of them a finish or usage chunk (nearly every token):
+            # nothing to hold or drop.
+            self.events += chunk.count(_EVENT_END)
+            return chunk
         data = self._partial + chunk if self._partial else chunk
         end = data.rfind(_EVENT_END)
         if end < 0:

@@ -43,6 +43,23 @@ def test_stripping_gives_the_bytes_vllm_sends_without_usage(plain: str, with_usa
     assert (prompt, completion) == (usage["prompt_tokens"], usage["completion_tokens"])
 
 
+@pytest.mark.parametrize(
+    ("plain", "with_usage"),
+    [
+        ("04_chat_stream.txt", "05_chat_stream_usage.txt"),
+        ("07_completions_stream.txt", "07b_completions_stream_usage.txt"),
+    ],
+)
+def test_stripping_event_by_event_as_vllm_writes_them(plain: str, with_usage: str) -> None:
+    want = load_transcript(plain).body
+    raw = load_transcript(with_usage).body
+    events = [e + b"\n\n" for e in raw.split(b"\n\n")[:-1]]
+    stripper = UsageStripper()
+    out = b"".join(stripper.feed(e) for e in events) + stripper.close()
+    assert _ids(out) == _ids(want)
+    assert stripper.events == len(events) and stripper.usage is not None
+
+
 def test_stream_without_usage_chunk_passes_unchanged() -> None:
     raw = load_transcript("04_chat_stream.txt").body
     out, stripper = strip_split(raw, len(raw) // 2)
