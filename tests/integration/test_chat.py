@@ -118,7 +118,9 @@ def test_stream_is_delivered_while_the_upstream_is_still_generating(
     gateway: ServerProcess, clean_sim: Sim
 ) -> None:
     # The upstream pauses after 4 events; the client must already hold text by then.
-    clean_sim.faults(stall_after_chunks=4, stall_seconds=2)
+    # (5 s: long enough that a busy CI machine cannot finish the stream before the
+    # client's first read, which a 2 s pause once allowed.)
+    clean_sim.faults(stall_after_chunks=4, stall_seconds=5)
     with httpx.Client(timeout=30) as client:
         with connect_sse(client, "POST", gateway.url + "/chat", json={**POEM, "stream": True}) as s:
             events = s.iter_sse()  # one iterator: dropping it would close the response
