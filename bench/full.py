@@ -518,9 +518,7 @@ def main() -> None:
     )
     p.add_argument("--no-write", action="store_true", help="print, do not touch RESULTS.md")
     args = p.parse_args()
-    missing = procs.missing_tools()
-    if missing:
-        sys.exit(f"bench needs {' and '.join(missing)}: apt-get install -y nginx wrk")
+    procs.require_tools()
     only = set(filter(None, args.only.split(",")))
     scenarios = [s for s in SCENARIOS if not only or s.key in only]
     chosen = set(filter(None, args.paths.split(",")))

@@ -28,7 +28,7 @@ import time
 from collections import deque
 from urllib.parse import urlsplit
 
-from bench.streams import Stats, one_stream, pct
+from bench.streams import Stats, one_stream
 
 KEYS = [f"bench-key-{i:03d}" for i in range(100)]
 PATH = "/v1/chat/completions"
@@ -198,18 +198,8 @@ async def run(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     stats = await mode(host, port, args, reqs)
     wall = time.perf_counter() - start
-    ms = 1000.0
-    return {
-        "requests": stats.streams,
-        "wall_s": wall,
-        "rps": stats.streams / wall,
-        "ttft_p50_ms": (pct(stats.ttft, 0.5) or 0) * ms,
-        "ttft_p99_ms": (pct(stats.ttft, 0.99) or 0) * ms,
-        "gap_p50_ms": (pct(stats.gaps, 0.5) or 0) * ms,
-        "events_per_read": stats.events / max(1, stats.reads),
-        "errors": sum(stats.errors.values()),
-        "error_kinds": stats.errors,
-    }
+    rps = stats.streams / wall
+    return {"requests": stats.streams, "wall_s": wall, "rps": rps, **stats.figures()}
 
 
 def main() -> None:

@@ -246,9 +246,12 @@ def litellm(exe: str, upstream: str, model: str = "tiny-llama") -> Server:
     return Server("litellm", [*args, "--num_workers", "1"], port, env, cwd=Path(prefix))
 
 
-def missing_tools() -> list[str]:
-    return [
+def require_tools() -> None:
+    """Exit with one line naming what to install when nginx or wrk is missing."""
+    missing = [
         t
         for t in ("nginx", "wrk")
         if shutil.which(t) is None and not Path(f"/usr/sbin/{t}").exists()
     ]
+    if missing:
+        sys.exit(f"bench needs {' and '.join(missing)}: apt-get install -y nginx wrk")

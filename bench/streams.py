@@ -36,6 +36,19 @@ class Stats:
     def error(self, what: str) -> None:
         self.errors[what] = self.errors.get(what, 0) + 1
 
+    def figures(self) -> dict:
+        """Time to first token and token gaps (ms), events per read, errors."""
+        ms = 1000.0
+        return {
+            "ttft_p50_ms": (pct(self.ttft, 0.5) or 0) * ms,
+            "ttft_p99_ms": (pct(self.ttft, 0.99) or 0) * ms,
+            "gap_p50_ms": (pct(self.gaps, 0.5) or 0) * ms,
+            "gap_p99_ms": (pct(self.gaps, 0.99) or 0) * ms,
+            "events_per_read": self.events / max(1, self.reads),
+            "errors": sum(self.errors.values()),
+            "error_kinds": self.errors,
+        }
+
 
 def request_bytes(host: str, path: str, tokens: int, delay: float) -> bytes:
     head = (
@@ -175,18 +188,11 @@ async def run(args: argparse.Namespace) -> dict:
         )
     )
     wall = time.perf_counter() - start
-    ms = 1000.0
     return {
         "streams": stats.streams,
         "wall_s": wall,
         "streams_per_s": stats.streams / wall,
-        "ttft_p50_ms": (pct(stats.ttft, 0.5) or 0) * ms,
-        "ttft_p99_ms": (pct(stats.ttft, 0.99) or 0) * ms,
-        "gap_p50_ms": (pct(stats.gaps, 0.5) or 0) * ms,
-        "gap_p99_ms": (pct(stats.gaps, 0.99) or 0) * ms,
-        "events_per_read": stats.events / max(1, stats.reads),
-        "errors": sum(stats.errors.values()),
-        "error_kinds": stats.errors,
+        **stats.figures(),
     }
 
 

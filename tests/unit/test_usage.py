@@ -16,6 +16,13 @@ def _ids(raw: bytes) -> bytes:
     return re.sub(rb'"(id|created)":("[^"]*"|\d+)', rb'"\1":X', raw)
 
 
+# vLLM's recorded streams without and with the usage chunk, for the same request.
+RECORDED_PAIRS = [
+    ("04_chat_stream.txt", "05_chat_stream_usage.txt"),
+    ("07_completions_stream.txt", "07b_completions_stream_usage.txt"),
+]
+
+
 def strip_split(raw: bytes, cut: int | None) -> tuple[bytes, UsageStripper]:
     stripper = UsageStripper()
     parts = [raw] if cut is None else [raw[:cut], raw[cut:]]
@@ -23,13 +30,7 @@ def strip_split(raw: bytes, cut: int | None) -> tuple[bytes, UsageStripper]:
     return out, stripper
 
 
-@pytest.mark.parametrize(
-    ("plain", "with_usage"),
-    [
-        ("04_chat_stream.txt", "05_chat_stream_usage.txt"),
-        ("07_completions_stream.txt", "07b_completions_stream_usage.txt"),
-    ],
-)
+@pytest.mark.parametrize(("plain", "with_usage"), RECORDED_PAIRS)
 def test_stripping_gives_the_bytes_vllm_sends_without_usage(plain: str, with_usage: str) -> None:
     want = load_transcript(plain).body
     raw = load_transcript(with_usage).body
@@ -43,13 +44,7 @@ def test_stripping_gives_the_bytes_vllm_sends_without_usage(plain: str, with_usa
     assert (prompt, completion) == (usage["prompt_tokens"], usage["completion_tokens"])
 
 
-@pytest.mark.parametrize(
-    ("plain", "with_usage"),
-    [
-        ("04_chat_stream.txt", "05_chat_stream_usage.txt"),
-        ("07_completions_stream.txt", "07b_completions_stream_usage.txt"),
-    ],
-)
+@pytest.mark.parametrize(("plain", "with_usage"), RECORDED_PAIRS)
 def test_stripping_event_by_event_as_vllm_writes_them(plain: str, with_usage: str) -> None:
     want = load_transcript(plain).body
     raw = load_transcript(with_usage).body
