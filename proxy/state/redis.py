@@ -236,7 +236,7 @@ class RedisState:
     async def _call(self, coro: Any) -> Any:
         try:
             return await coro
-        except (RedisError, OSError) as exc:
+        except (RedisError, OSError, ReplyError) as exc:
             raise StateUnavailable(f"redis: {type(exc).__name__}: {exc}") from exc
 
     async def _run_batch(self, batch: list[Op]) -> list[Any]:
@@ -271,14 +271,8 @@ class RedisState:
         raw = orjson.loads(await self._call(self._peek(args=args)))
         return [(int(u), float(r)) for u, r in raw]
 
-    async def _command(self, *args: bytes | str | int | float) -> Any:
-        try:
-            return await self._link.call(*args)
-        except ReplyError as exc:
-            raise StateUnavailable(f"redis: {exc}") from exc
-
     async def get(self, key: str) -> bytes | None:
-        return await self._command("GET", self.prefix + "kv:" + key)
+        return await self._call(self._link.call("GET", self.prefix + "kv:" + key))
 
     async def put(
         self, key: str, value: bytes, ttl: float | None = None, *, only_if_absent: bool = False
@@ -288,10 +282,10 @@ class RedisState:
             args += ["PX", max(int(ttl * 1000), 1)]
         if only_if_absent:
             args.append("NX")
-        return await self._command(*args) is not None
+        return await self._call(self._link.call(*args)) is not None
 
     async def delete(self, key: str) -> bool:
-        return bool(await self._command("DEL", self.prefix + "kv:" + key))
+        return bool(await self._call(self._link.call("DEL", self.prefix + "kv:" + key)))
 
     async def lock(self, key: str, owner: str, ttl: float) -> bool:
         keys = [self.prefix + "lock:" + key]

@@ -6,7 +6,8 @@ redis-py's client costs 40 to 65 µs of CPU per command on its own (pool checkou
 timeouts, retries, health checks, event hooks; measured with a trivial script),
 where writing the command and reading its reply on a plain protocol costs ~13 µs.
 So those calls go through :class:`RedisLink`; everything else keeps redis-py.
-It does not retry: a failed get or put is a cache miss or a skipped store.
+It does not retry: a failed call raises StateUnavailable at once (for the cache, a miss
+or a skipped store).
 
 One connection, opened on first use and again after it breaks: commands are
 written as they come and replies matched in order. A reply later than
